@@ -1,0 +1,1 @@
+//! CUDA device layer and kernels.

@@ -1,0 +1,1 @@
+//! Llama-family model, LoRA and the training schedule.
