@@ -311,6 +311,19 @@ impl<'a, T: Elem> ViewMut<'a, T> {
             _t: PhantomData,
         }
     }
+    /// Elements `start..start + len`, writable; panics when out of range (a programming error).
+    pub fn slice_mut(&mut self, start: usize, len: usize) -> ViewMut<'_, T> {
+        assert!(
+            start + len <= self.len,
+            "slice {start}+{len} of {}",
+            self.len
+        );
+        ViewMut {
+            ptr: self.ptr + (start * std::mem::size_of::<T>()) as u64,
+            len,
+            _t: PhantomData,
+        }
+    }
 }
 
 /// Managed (unified) memory for the optimizer's paged state: the driver migrates pages between
