@@ -18,8 +18,12 @@ use qlora_nf4::{Absmax, Dtype, Nf4Tensor, QuantState};
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
-const U_F32: f64 = 1.0 / (1u64 << 24) as f64; // unit roundoff of f32 (2^-24)
-const U_BF16: f64 = 1.0 / 256.0; // unit roundoff of bf16 (2^-8: 8 significand bits incl. the implicit one)
+/// Unit roundoff of f32, 2^-24 (round to nearest: |fl(x) − x| ≤ 2^-24·|x|).
+const U_F32: f64 = 1.0 / (1u64 << 24) as f64;
+/// Twice the unit roundoff of bf16 (2^-9 with 8 significand bits): the budget of up to two
+/// stores in bf16, e.g. the dequant + cuBLASLt path stores y and then adds the LoRA term
+/// with beta = 1 (the fused kernel stores once and uses half of it).
+const U_BF16: f64 = 1.0 / 256.0;
 
 fn dev() -> Device {
     Device::open(0).unwrap_or_else(|e| panic!("needs a CUDA device: {e}"))
