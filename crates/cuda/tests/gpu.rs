@@ -637,7 +637,11 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
     );
 }
 
-const LIN_CASES: [LinCase; 3] = [
+/// Together these reach every tile-loader path of `cuda/linear.cu` in both directions:
+/// the pipelined fast path (fwd k-contiguous: cases 2 and 3; bwd column-contiguous: case 3),
+/// the plain 16-code paths (cases 1 and 2 where K or N is not a multiple of 32) and the
+/// scalar fallback (case 4: K % 16 != 0).
+const LIN_CASES: [LinCase; 4] = [
     // Tails everywhere: M, N and K not multiples of the tiles (K a multiple of 16 only).
     LinCase {
         m: 37,
@@ -658,6 +662,13 @@ const LIN_CASES: [LinCase; 3] = [
         k: 512,
         n: 64,
         r: 16,
+    },
+    // K not a multiple of 16, odd rank.
+    LinCase {
+        m: 20,
+        k: 72,
+        n: 48,
+        r: 5,
     },
 ];
 
