@@ -175,7 +175,7 @@ fn lora_grad<T: Elem>(
 }
 
 /// Fused forward. Outputs: `y` (M,N) T; saved: `us` (M,R) T = S·(x_l·Aᵀ) for bwd. Inputs: `x`
-/// (M,K), `x_l` (M,K) the LoRA-branch input; weights `w` NF4 [N,K], `lora_a` (R,K), `lora_b` (N,R).
+/// (M,K), `x_l` (M,K) the LoRA-branch input; weights `w` NF4 `[N,K]`, `lora_a` (R,K), `lora_b` (N,R).
 #[allow(clippy::too_many_arguments)]
 pub fn fwd<T: Elem>(
     dev: &Device,
