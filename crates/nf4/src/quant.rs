@@ -114,7 +114,11 @@ impl QuantState {
     pub fn absmax_f32(&self) -> Vec<f32> {
         match &self.absmax {
             Absmax::F32(a) => a.clone(),
-            Absmax::Double { codes, nested_absmax, offset } => codes
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                offset,
+            } => codes
                 .iter()
                 .enumerate()
                 .map(|(b, &q)| {
@@ -129,9 +133,11 @@ impl QuantState {
     pub fn constant_bytes(&self) -> usize {
         match &self.absmax {
             Absmax::F32(a) => 4 * a.len() + 4 * 16,
-            Absmax::Double { codes, nested_absmax, .. } => {
-                codes.len() + 4 * nested_absmax.len() + 4 * 16 + 4 * 256 + 4
-            }
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                ..
+            } => codes.len() + 4 * nested_absmax.len() + 4 * 16 + 4 * 256 + 4,
         }
     }
 
@@ -139,18 +145,33 @@ impl QuantState {
     pub fn validate(&self, tensor: &str) -> Result<()> {
         check_blocksize(self.blocksize)?;
         let n_blocks = self.n_blocks();
-        let bad = |reason: String| Err(Nf4Error::BadTensor { tensor: tensor.into(), reason });
+        let bad = |reason: String| {
+            Err(Nf4Error::BadTensor {
+                tensor: tensor.into(),
+                reason,
+            })
+        };
         match &self.absmax {
-            Absmax::F32(a) if a.len() != n_blocks => {
-                bad(format!("absmax has {} entries, shape {:?} with blocksize {} needs {n_blocks}", a.len(), self.shape, self.blocksize))
-            }
-            Absmax::Double { codes, nested_absmax, offset } => {
+            Absmax::F32(a) if a.len() != n_blocks => bad(format!(
+                "absmax has {} entries, shape {:?} with blocksize {} needs {n_blocks}",
+                a.len(),
+                self.shape,
+                self.blocksize
+            )),
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                offset,
+            } => {
                 if codes.len() != n_blocks {
                     return bad(format!("absmax codes have {} entries, shape {:?} with blocksize {} needs {n_blocks}", codes.len(), self.shape, self.blocksize));
                 }
                 let n_nested = n_blocks.div_ceil(NESTED_BLOCKSIZE);
                 if nested_absmax.len() != n_nested {
-                    return bad(format!("nested_absmax has {} entries, {n_blocks} blocks need {n_nested}", nested_absmax.len()));
+                    return bad(format!(
+                        "nested_absmax has {} entries, {n_blocks} blocks need {n_nested}",
+                        nested_absmax.len()
+                    ));
                 }
                 if !offset.is_finite() || nested_absmax.iter().any(|v| !v.is_finite()) {
                     return bad("non-finite double-quantization constants".into());
@@ -180,7 +201,14 @@ impl Nf4Tensor {
         double_quant: bool,
         dtype: Dtype,
     ) -> Result<Nf4Tensor> {
-        Self::quantize_data(name, FloatData::F32(x), shape, blocksize, double_quant, dtype)
+        Self::quantize_data(
+            name,
+            FloatData::F32(x),
+            shape,
+            blocksize,
+            double_quant,
+            dtype,
+        )
     }
 
     /// Quantize a tensor blockwise to NF4 (specs/nf4.md §2), optionally double-quantizing the
@@ -203,8 +231,20 @@ impl Nf4Tensor {
             });
         }
         let (packed, absmax) = quantize_blockwise(name, x, blocksize)?;
-        let absmax = if double_quant { double_quantize(&absmax) } else { Absmax::F32(absmax) };
-        Ok(Nf4Tensor { packed, state: QuantState { shape: shape.to_vec(), blocksize, dtype, absmax } })
+        let absmax = if double_quant {
+            double_quantize(&absmax)
+        } else {
+            Absmax::F32(absmax)
+        };
+        Ok(Nf4Tensor {
+            packed,
+            state: QuantState {
+                shape: shape.to_vec(),
+                blocksize,
+                dtype,
+                absmax,
+            },
+        })
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -253,7 +293,11 @@ impl Nf4Tensor {
 
     /// Shared dequantization loop: per block a 16-entry table of `NF4[c] · absmax` (the same
     /// f32 products as element by element), then one table look-up per nibble.
-    fn dequantize_into<T: Copy + Send + Sync>(&self, out: &mut [T], round: impl Fn(f32) -> T + Sync) {
+    fn dequantize_into<T: Copy + Send + Sync>(
+        &self,
+        out: &mut [T],
+        round: impl Fn(f32) -> T + Sync,
+    ) {
         let bs = self.state.blocksize;
         let n = out.len();
         let absmax = self.state.absmax_f32();
@@ -281,7 +325,11 @@ impl Nf4Tensor {
 
 /// Blockwise 4-bit quantization (specs/nf4.md §2). Returns (packed, absmax):
 /// packed ((n + 1) / 2,) u8, absmax (ceil(n / blocksize),) f32.
-pub fn quantize_blockwise(name: &str, x: FloatData<'_>, blocksize: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+pub fn quantize_blockwise(
+    name: &str,
+    x: FloatData<'_>,
+    blocksize: usize,
+) -> Result<(Vec<u8>, Vec<f32>)> {
     check_blocksize(blocksize)?;
     let n = x.len();
     let n_blocks = n.div_ceil(blocksize);
@@ -301,7 +349,8 @@ pub fn quantize_blockwise(name: &str, x: FloatData<'_>, blocksize: usize) -> Res
                     let len = blocksize.min(n - start);
                     let vals = &mut buf[..len];
                     x.fill(start, vals);
-                    let block_bytes = &mut bytes[j * blocksize / 2..(j * blocksize + len).div_ceil(2)];
+                    let block_bytes =
+                        &mut bytes[j * blocksize / 2..(j * blocksize + len).div_ceil(2)];
                     *scale = quantize_block(name, start, vals, len < blocksize, block_bytes)?;
                 }
                 Ok(())
@@ -314,7 +363,13 @@ pub fn quantize_blockwise(name: &str, x: FloatData<'_>, blocksize: usize) -> Res
 /// `partial_tail`: bitsandbytes' CPU path (which made the reference vectors) divides by absmax
 /// in a partial tail block instead of multiplying by the reciprocal.
 #[inline]
-fn quantize_block(name: &str, start: usize, vals: &[f32], partial_tail: bool, out: &mut [u8]) -> Result<f32> {
+fn quantize_block(
+    name: &str,
+    start: usize,
+    vals: &[f32],
+    partial_tail: bool,
+    out: &mut [u8],
+) -> Result<f32> {
     // `v * 0` is NaN exactly for NaN and ±Inf, so one vectorizable sum finds any bad element.
     let mut absmax = 0f32;
     let mut poison = 0f32;
@@ -323,8 +378,16 @@ fn quantize_block(name: &str, start: usize, vals: &[f32], partial_tail: bool, ou
         poison += v * 0.0;
     }
     if poison.is_nan() {
-        let (i, &value) = vals.iter().enumerate().find(|(_, v)| !v.is_finite()).expect("poisoned block has a non-finite value");
-        return Err(Nf4Error::NonFinite { tensor: name.into(), index: start + i, value });
+        let (i, &value) = vals
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .expect("poisoned block has a non-finite value");
+        return Err(Nf4Error::NonFinite {
+            tensor: name.into(),
+            index: start + i,
+            value,
+        });
     }
     if absmax == 0.0 {
         // All-zero block: bitsandbytes' CPU reference stores code 7 (0.0) everywhere and absmax
@@ -335,7 +398,13 @@ fn quantize_block(name: &str, start: usize, vals: &[f32], partial_tail: bool, ou
     let recip = 1.0 / absmax;
     // For absmax below ~2^-127 the reciprocal overflows; dividing keeps such blocks meaningful.
     let divide = partial_tail || !recip.is_finite();
-    let code = |v: f32| if divide { nf4_code(v / absmax) } else { nf4_code(v * recip) };
+    let code = |v: f32| {
+        if divide {
+            nf4_code(v / absmax)
+        } else {
+            nf4_code(v * recip)
+        }
+    };
     let mut pairs = vals.chunks_exact(2);
     for (byte, p) in out.iter_mut().zip(&mut pairs) {
         *byte = code(p[0]) << 4 | code(p[1]);
@@ -369,22 +438,131 @@ pub fn double_quantize(absmax: &[f32]) -> Absmax {
             let recip = 1.0 / m;
             let partial_tail = block.len() < NESTED_BLOCKSIZE;
             for (o, c) in out.iter_mut().zip(&centred) {
-                let v = if partial_tail || !recip.is_finite() { c / m } else { c * recip };
+                let v = if partial_tail || !recip.is_finite() {
+                    c / m
+                } else {
+                    c * recip
+                };
                 *o = nearest_code(&DYNAMIC_SIGNED, v);
             }
             m
         })
         .collect();
-    Absmax::Double { codes, nested_absmax, offset }
+    Absmax::Double {
+        codes,
+        nested_absmax,
+        offset,
+    }
 }
 
-/// The f32 mean torch computes for `absmax.mean()` on a CPU float tensor. The sum is
-/// accumulated in f64 and rounded once, then divided in f32; see the tests for the check
-/// against every bitsandbytes reference vector.
+/// The f32 mean torch computes for `absmax.mean()` on a CPU float tensor: `sum(x) / n`, where
+/// `sum` is ATen's vectorized cascade sum (aten/src/ATen/native/cpu/SumKernel.cpp,
+/// `vectorized_inner_sum` → `row_sum` → `multi_row_sum`), reproduced operation by operation
+/// because the double-quant offset must be bit-identical to bitsandbytes'.
 pub fn mean_f32(x: &[f32]) -> f32 {
     if x.is_empty() {
         return 0.0;
     }
-    let sum: f64 = x.iter().map(|&v| v as f64).sum();
-    (sum as f32) / (x.len() as f32)
+    torch_sum_f32::<TORCH_VEC_LANES>(x) / (x.len() as f32)
+}
+
+/// f32 lanes of ATen's `Vectorized<float>` on the machine that made the reference checkpoints
+/// (AVX2 → 8, AVX-512 → 16). Determined by the fixture tests, which check every reference offset.
+pub const TORCH_VEC_LANES: usize = 8;
+
+/// ATen's contiguous f32 sum with `W`-lane vectors. With n < W it is a plain left-to-right
+/// scalar loop (`scalar_inner_sum` → `row_sum` with scalar loads and 4-way ILP).
+pub fn torch_sum_f32<const W: usize>(x: &[f32]) -> f32 {
+    if x.len() < W {
+        // row_sum with scalar loads: 4 interleaved accumulators over rows of 4.
+        let acc = multi_row_sum::<1>(x.len() / 4, |row, k| [x[row * 4 + k]]);
+        let mut p = acc;
+        for &v in &x[x.len() / 4 * 4..] {
+            p[0][0] += v;
+        }
+        for k in 1..4 {
+            p[0][0] += p[k][0];
+        }
+        return p[0][0];
+    }
+    let vec_size = x.len() / W;
+    let load = |i: usize| -> [f32; W] { std::array::from_fn(|l| x[i * W + l]) };
+    // row_sum over vectors: rows of 4 vectors (ILP factor 4).
+    let size_ilp = vec_size / 4;
+    let mut p = multi_row_sum::<W>(size_ilp, |row, k| load(row * 4 + k));
+    for i in size_ilp * 4..vec_size {
+        add_lanes(&mut p[0], &load(i));
+    }
+    for k in 1..4 {
+        let pk = p[k];
+        add_lanes(&mut p[0], &pk);
+    }
+    let mut fin = 0f32;
+    for &v in &x[vec_size * W..] {
+        fin += v;
+    }
+    for lane in p[0] {
+        fin += lane;
+    }
+    fin
+}
+
+fn add_lanes<const W: usize>(a: &mut [f32; W], b: &[f32; W]) {
+    for l in 0..W {
+        a[l] += b[l];
+    }
+}
+
+/// ATen's `multi_row_sum<acc, 4>`: four accumulator columns, cascaded over 4 levels every
+/// 2^level_power rows so that long sums lose little precision. The index loops mirror the C++
+/// loop for loop, which is what makes the rounding sequence reviewable against the source.
+#[allow(clippy::needless_range_loop)]
+fn multi_row_sum<const W: usize>(
+    size: usize,
+    row: impl Fn(usize, usize) -> [f32; W],
+) -> [[f32; W]; 4] {
+    const LEVELS: usize = 4;
+    let ceil_log2 = |v: usize| -> usize {
+        if v <= 2 {
+            1
+        } else {
+            (usize::BITS - (v - 1).leading_zeros()) as usize
+        }
+    };
+    let level_power = 4usize.max(ceil_log2(size) / LEVELS);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = [[[0f32; W]; 4]; LEVELS];
+    let mut i = 0;
+    while i + level_step <= size {
+        for _ in 0..level_step {
+            for k in 0..4 {
+                add_lanes(&mut acc[0][k], &row(i, k));
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for k in 0..4 {
+                let lower = acc[j - 1][k];
+                add_lanes(&mut acc[j][k], &lower);
+                acc[j - 1][k] = [0f32; W];
+            }
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    while i < size {
+        for k in 0..4 {
+            add_lanes(&mut acc[0][k], &row(i, k));
+        }
+        i += 1;
+    }
+    for j in 1..LEVELS {
+        for k in 0..4 {
+            let upper = acc[j][k];
+            add_lanes(&mut acc[0][k], &upper);
+        }
+    }
+    acc[0]
 }
