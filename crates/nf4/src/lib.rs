@@ -12,5 +12,5 @@ pub mod st;
 
 pub use dtype::{from_f32, to_f32, Dtype};
 pub use error::{Nf4Error, Result};
-pub use quant::{Absmax, FloatData, Nf4Tensor, QuantState, NESTED_BLOCKSIZE};
+pub use quant::{Absmax, Dequant, FloatData, Nf4Tensor, QuantState, NESTED_BLOCKSIZE};
 pub use st::{write_safetensors, ModelWeights, SafetensorsFile, StreamingWriter, TensorInfo};

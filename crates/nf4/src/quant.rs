@@ -3,7 +3,7 @@
 //! The exact rules are specs/nf4.md §2–4; each function below cites the rule it implements.
 //! Everything is f32 arithmetic in a fixed order so results are bit-identical to bitsandbytes.
 
-use crate::codebook::{nearest_code, nf4_code, DYNAMIC_SIGNED, NF4, NF4_ZERO_CODE};
+use crate::codebook::{nearest_code, DYNAMIC_SIGNED, NF4, NF4_ZERO_CODE};
 use crate::{Dtype, Nf4Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -257,23 +257,38 @@ impl Nf4Tensor {
 
     /// Dequantize to f32: `w[e] = f32(NF4[code(e)] · absmax[e / blocksize])`, exact.
     pub fn dequantize_f32(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.numel()];
-        self.dequantize_into(&mut out, |v| v);
-        out
+        self.dequantize_vec()
     }
 
     /// Dequantize to bf16, rounding the f32 product once (round-to-nearest-even).
     pub fn dequantize_bf16(&self) -> Vec<bf16> {
-        let mut out = vec![bf16::ZERO; self.numel()];
-        self.dequantize_into(&mut out, bf16::from_f32);
-        out
+        self.dequantize_vec()
     }
 
     /// Dequantize to f16, rounding the f32 product once.
     pub fn dequantize_f16(&self) -> Vec<f16> {
-        let mut out = vec![f16::ZERO; self.numel()];
-        self.dequantize_into(&mut out, f16::from_f32);
-        out
+        self.dequantize_vec()
+    }
+
+    /// Dequantize into a caller's buffer of exactly `numel` elements (f32, bf16 or f16), so hot
+    /// loops (the CPU backend, merge) reuse memory instead of faulting in a new buffer each time.
+    pub fn dequantize_into<T: Dequant>(&self, out: &mut [T]) -> Result<()> {
+        if out.len() != self.numel() {
+            return Err(Nf4Error::BadTensor {
+                tensor: String::new(),
+                reason: format!(
+                    "output has {} elements, tensor {:?} has {}",
+                    out.len(),
+                    self.shape(),
+                    self.numel()
+                ),
+            });
+        }
+        // SAFETY: every `T: Dequant` is a plain float type; a `&mut [T]` is a valid
+        // `&mut [MaybeUninit<T>]` we only write through.
+        let out = unsafe { &mut *(out as *mut [T] as *mut [std::mem::MaybeUninit<T>]) };
+        self.dequantize_uninit(out);
+        Ok(())
     }
 
     /// Dequantize to `dtype` (f32, bf16 or f16) as little-endian bytes.
@@ -291,35 +306,102 @@ impl Nf4Tensor {
         })
     }
 
+    fn dequantize_vec<T: Dequant>(&self) -> Vec<T> {
+        let n = self.numel();
+        let mut out: Vec<T> = Vec::with_capacity(n);
+        self.dequantize_uninit(&mut out.spare_capacity_mut()[..n]);
+        // SAFETY: dequantize_uninit wrote all n elements.
+        unsafe { out.set_len(n) };
+        out
+    }
+
     /// Shared dequantization loop: per block a 16-entry table of `NF4[c] · absmax` (the same
-    /// f32 products as element by element), then one table look-up per nibble.
-    fn dequantize_into<T: Copy + Send + Sync>(
-        &self,
-        out: &mut [T],
-        round: impl Fn(f32) -> T + Sync,
-    ) {
+    /// f32 products, rounded once, as element by element), then one table look-up per nibble.
+    /// Writes every element of `out`.
+    fn dequantize_uninit<T: Dequant>(&self, out: &mut [std::mem::MaybeUninit<T>]) {
         let bs = self.state.blocksize;
-        let n = out.len();
         let absmax = self.state.absmax_f32();
-        let task = bs * BLOCKS_PER_TASK;
-        out.par_chunks_mut(task).enumerate().for_each(|(t, chunk)| {
-            let first_block = t * BLOCKS_PER_TASK;
-            for (j, block) in chunk.chunks_mut(bs).enumerate() {
-                let scale = absmax[first_block + j];
-                let lut: [T; 16] = std::array::from_fn(|c| round(NF4[c] * scale));
-                let start = (first_block + j) * bs; // always even: blocksizes are even
-                let bytes = &self.packed[start / 2..(start + block.len()).div_ceil(2)];
-                let mut pairs = block.chunks_exact_mut(2);
-                for (pair, &byte) in (&mut pairs).zip(bytes) {
-                    pair[0] = lut[(byte >> 4) as usize];
-                    pair[1] = lut[(byte & 0x0f) as usize];
-                }
-                if let [last] = pairs.into_remainder() {
-                    *last = lut[(bytes[bytes.len() - 1] >> 4) as usize];
-                }
-            }
-        });
-        debug_assert_eq!(n, self.numel());
+        out.par_chunks_mut(bs * BLOCKS_PER_TASK)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                let first_block = t * BLOCKS_PER_TASK;
+                let start = first_block * bs; // even: blocksizes are even
+                let bytes = &self.packed[start / 2..(start + chunk.len()).div_ceil(2)];
+                let scales = &absmax[first_block..first_block + chunk.len().div_ceil(bs)];
+                dequantize_task(chunk, bytes, scales, bs);
+            });
+    }
+}
+
+/// Output element types of dequantization: f32 (exact), bf16 and f16 (one rounding).
+pub trait Dequant: Copy + Send + Sync + 'static {
+    fn round(v: f32) -> Self;
+}
+
+impl Dequant for f32 {
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Dequant for bf16 {
+    #[inline(always)]
+    fn round(v: f32) -> bf16 {
+        bf16::from_f32(v)
+    }
+}
+
+impl Dequant for f16 {
+    #[inline(always)]
+    fn round(v: f32) -> f16 {
+        f16::from_f32(v)
+    }
+}
+
+/// Dequantize the blocks of one task, with an AVX2 build of the same code where available.
+fn dequantize_task<T: Dequant>(
+    out: &mut [std::mem::MaybeUninit<T>],
+    bytes: &[u8],
+    scales: &[f32],
+    bs: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { dequantize_task_avx2(out, bytes, scales, bs) };
+    }
+    dequantize_task_impl(out, bytes, scales, bs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_task_avx2<T: Dequant>(
+    out: &mut [std::mem::MaybeUninit<T>],
+    bytes: &[u8],
+    scales: &[f32],
+    bs: usize,
+) {
+    dequantize_task_impl(out, bytes, scales, bs)
+}
+
+#[inline(always)]
+fn dequantize_task_impl<T: Dequant>(
+    out: &mut [std::mem::MaybeUninit<T>],
+    bytes: &[u8],
+    scales: &[f32],
+    bs: usize,
+) {
+    for ((block, scale), block_bytes) in out.chunks_mut(bs).zip(scales).zip(bytes.chunks(bs / 2)) {
+        let lut: [T; 16] = std::array::from_fn(|c| T::round(NF4[c] * scale));
+        let mut pairs = block.chunks_exact_mut(2);
+        for (pair, &byte) in (&mut pairs).zip(block_bytes) {
+            pair[0].write(lut[(byte >> 4) as usize]);
+            pair[1].write(lut[(byte & 0x0f) as usize]);
+        }
+        if let [last] = pairs.into_remainder() {
+            last.write(lut[(block_bytes[block_bytes.len() - 1] >> 4) as usize]);
+        }
     }
 }
 
@@ -341,54 +423,130 @@ pub fn quantize_blockwise(
         .zip(absmax.par_chunks_mut(BLOCKS_PER_TASK))
         .enumerate()
         .try_for_each_init(
-            || vec![0f32; blocksize],
-            |buf, (t, (bytes, scales))| {
-                let first_block = t * BLOCKS_PER_TASK;
-                for (j, scale) in scales.iter_mut().enumerate() {
-                    let start = (first_block + j) * blocksize;
-                    let len = blocksize.min(n - start);
-                    let vals = &mut buf[..len];
-                    x.fill(start, vals);
-                    let block_bytes =
-                        &mut bytes[j * blocksize / 2..(j * blocksize + len).div_ceil(2)];
-                    *scale = quantize_block(name, start, vals, len < blocksize, block_bytes)?;
+            || Scratch {
+                vals: vec![0f32; blocksize],
+                codes: vec![0i32; blocksize],
+            },
+            |scratch, (t, (bytes, scales))| {
+                let first = t * BLOCKS_PER_TASK * blocksize;
+                match quantize_task(x, first, blocksize, scratch, bytes, scales) {
+                    Ok(()) => Ok(()),
+                    Err(index) => {
+                        let value = element(x, index);
+                        Err(Nf4Error::NonFinite {
+                            tensor: name.into(),
+                            index,
+                            value,
+                        })
+                    }
                 }
-                Ok(())
             },
         )?;
     Ok((packed, absmax))
 }
 
-/// Quantize one block into `out` ((len + 1) / 2 bytes) and return its absmax.
-/// `partial_tail`: bitsandbytes' CPU path (which made the reference vectors) divides by absmax
-/// in a partial tail block instead of multiplying by the reciprocal.
-#[inline]
+/// Per-thread buffers of one block: the widened values and their 4-bit codes.
+struct Scratch {
+    vals: Vec<f32>,
+    codes: Vec<i32>,
+}
+
+fn element(x: FloatData<'_>, index: usize) -> f32 {
+    let mut v = [0f32];
+    x.fill(index, &mut v);
+    v[0]
+}
+
+/// Quantize the blocks of one task (elements `first..` covering `scales.len()` blocks). On a
+/// non-finite input returns the global index of the first one. Dispatches at run time to an
+/// AVX2 build of the same code where the CPU has it (the loops below are written to vectorize).
+fn quantize_task(
+    x: FloatData<'_>,
+    first: usize,
+    blocksize: usize,
+    scratch: &mut Scratch,
+    bytes: &mut [u8],
+    scales: &mut [f32],
+) -> std::result::Result<(), usize> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { quantize_task_avx2(x, first, blocksize, scratch, bytes, scales) };
+    }
+    quantize_task_impl(x, first, blocksize, scratch, bytes, scales)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_task_avx2(
+    x: FloatData<'_>,
+    first: usize,
+    blocksize: usize,
+    scratch: &mut Scratch,
+    bytes: &mut [u8],
+    scales: &mut [f32],
+) -> std::result::Result<(), usize> {
+    quantize_task_impl(x, first, blocksize, scratch, bytes, scales)
+}
+
+#[inline(always)]
+fn quantize_task_impl(
+    x: FloatData<'_>,
+    first: usize,
+    blocksize: usize,
+    scratch: &mut Scratch,
+    bytes: &mut [u8],
+    scales: &mut [f32],
+) -> std::result::Result<(), usize> {
+    let n = x.len();
+    for (j, scale) in scales.iter_mut().enumerate() {
+        let start = first + j * blocksize;
+        let len = blocksize.min(n - start);
+        let vals = &mut scratch.vals[..len];
+        x.fill(start, vals);
+        let out = &mut bytes[j * blocksize / 2..(j * blocksize + len).div_ceil(2)];
+        *scale = quantize_block(vals, &mut scratch.codes[..len], len < blocksize, out)
+            .map_err(|i| start + i)?;
+    }
+    Ok(())
+}
+
+/// Quantize one block in place into `out` ((len + 1) / 2 bytes) and return its absmax, or the
+/// index of the first non-finite value. `partial_tail`: bitsandbytes' CPU path (which made the
+/// reference vectors) divides by absmax in a partial tail block instead of multiplying by the
+/// reciprocal. `vals` is overwritten with the normalized values.
+#[inline(always)]
 fn quantize_block(
-    name: &str,
-    start: usize,
-    vals: &[f32],
+    vals: &mut [f32],
+    codes: &mut [i32],
     partial_tail: bool,
     out: &mut [u8],
-) -> Result<f32> {
-    // `v * 0` is NaN exactly for NaN and ±Inf, so one vectorizable sum finds any bad element.
-    let mut absmax = 0f32;
-    let mut poison = 0f32;
-    for &v in vals {
-        absmax = absmax.max(v.abs());
-        poison += v * 0.0;
+) -> std::result::Result<f32, usize> {
+    // absmax and the NaN/Inf check on the bit patterns: for finite values |x| orders like its
+    // bits, and integer max/or reductions vectorize where float ones (strict order) do not.
+    const EXP: u32 = 0x7f80_0000;
+    let mut max_bits = [0u32; 8];
+    let mut bad = [0u32; 8];
+    let mut chunks = vals.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            let b = c[l].to_bits() & 0x7fff_ffff;
+            max_bits[l] = max_bits[l].max(b);
+            bad[l] |= ((b & EXP) == EXP) as u32;
+        }
     }
-    if poison.is_nan() {
-        let (i, &value) = vals
+    for &v in chunks.remainder() {
+        let b = v.to_bits() & 0x7fff_ffff;
+        max_bits[0] = max_bits[0].max(b);
+        bad[0] |= ((b & EXP) == EXP) as u32;
+    }
+    if bad.iter().any(|&b| b != 0) {
+        return Err(vals
             .iter()
-            .enumerate()
-            .find(|(_, v)| !v.is_finite())
-            .expect("poisoned block has a non-finite value");
-        return Err(Nf4Error::NonFinite {
-            tensor: name.into(),
-            index: start + i,
-            value,
-        });
+            .position(|v| !v.is_finite())
+            .expect("a non-finite value"));
     }
+    let absmax = f32::from_bits(*max_bits.iter().max().unwrap());
     if absmax == 0.0 {
         // All-zero block: bitsandbytes' CPU reference stores code 7 (0.0) everywhere and absmax
         // 0; its CUDA kernel stores 0x00. Both dequantize to zero; we follow the CPU.
@@ -397,21 +555,26 @@ fn quantize_block(
     }
     let recip = 1.0 / absmax;
     // For absmax below ~2^-127 the reciprocal overflows; dividing keeps such blocks meaningful.
-    let divide = partial_tail || !recip.is_finite();
-    let code = |v: f32| {
-        if divide {
-            nf4_code(v / absmax)
-        } else {
-            nf4_code(v * recip)
+    if partial_tail || !recip.is_finite() {
+        vals.iter_mut().for_each(|v| *v /= absmax);
+    } else {
+        vals.iter_mut().for_each(|v| *v *= recip);
+    }
+    // code = number of thresholds strictly below the value (see codebook::nf4_code), counted
+    // threshold by threshold so each pass is one vector compare-and-subtract per 8 values.
+    codes.fill(0);
+    for t in crate::codebook::NF4_THRESHOLDS {
+        for (c, v) in codes.iter_mut().zip(vals.iter()) {
+            *c += (*v > t) as i32;
         }
-    };
-    let mut pairs = vals.chunks_exact(2);
+    }
+    let mut pairs = codes.chunks_exact(2);
     for (byte, p) in out.iter_mut().zip(&mut pairs) {
-        *byte = code(p[0]) << 4 | code(p[1]);
+        *byte = ((p[0] << 4) | p[1]) as u8;
     }
     if let [last] = pairs.remainder() {
         // Odd total length: the final low nibble is padding holding the code of 0.0.
-        out[out.len() - 1] = code(*last) << 4 | NF4_ZERO_CODE;
+        out[out.len() - 1] = ((*last as u8) << 4) | NF4_ZERO_CODE;
     }
     Ok(absmax)
 }
