@@ -1,6 +1,7 @@
 //! The `qlora` binary: argument parsing, progress and reporting. No training or format logic
 //! lives here; every subcommand calls a library crate.
 
+mod bundled;
 mod cmd;
 mod units;
 
