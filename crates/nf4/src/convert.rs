@@ -9,7 +9,7 @@
 
 use crate::bnb::{nf4_checkpoint_tensors, quantization_config, NF4_SIDE_SUFFIXES};
 use crate::quant::{check_blocksize, FloatData};
-use crate::st::{ModelWeights, StreamingWriter};
+use crate::st::{header_bound, ModelWeights, StreamingWriter};
 use crate::{from_f32, Dtype, Nf4Error, Nf4Tensor, Result};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -294,16 +294,19 @@ impl Drop for Staging {
 struct ShardedWriter {
     dir: PathBuf,
     max_bytes: u64,
+    /// Header bytes reserved per shard: the bound for the whole model, so any shard fits.
+    header_reserve: usize,
     done: Vec<(PathBuf, Vec<String>)>,
     current: Option<StreamingWriter>,
     total: u64,
 }
 
 impl ShardedWriter {
-    fn new(dir: &Path, max_bytes: u64) -> ShardedWriter {
+    fn new(dir: &Path, max_bytes: u64, header_reserve: usize) -> ShardedWriter {
         ShardedWriter {
             dir: dir.into(),
             max_bytes,
+            header_reserve,
             done: Vec::new(),
             current: None,
             total: 0,
@@ -319,8 +322,10 @@ impl ShardedWriter {
             }
         }
         if self.current.is_none() {
-            let spool = self.dir.join(format!(".shard{}.spool", self.done.len()));
-            self.current = Some(StreamingWriter::create(&spool)?);
+            let path = self
+                .dir
+                .join(format!(".shard{}.safetensors", self.done.len()));
+            self.current = Some(StreamingWriter::create(&path, self.header_reserve)?);
         }
         let w = self.current.as_mut().unwrap();
         for (n, d, s, b) in group {
@@ -336,10 +341,7 @@ impl ShardedWriter {
             let path = self
                 .dir
                 .join(format!(".shard{}.safetensors", self.done.len()));
-            w.finish(
-                &path,
-                Some(HashMap::from([("format".to_string(), "pt".to_string())])),
-            )?;
+            w.finish(Some(pt_metadata()))?;
             self.done.push((path, names));
         }
         Ok(())
@@ -350,11 +352,8 @@ impl ShardedWriter {
         self.close_current()?;
         let n = self.done.len().max(1);
         if self.done.is_empty() {
-            let w = StreamingWriter::create(&self.dir.join(".empty.spool"))?;
-            w.finish(
-                &self.dir.join("model.safetensors"),
-                Some(HashMap::from([("format".to_string(), "pt".to_string())])),
-            )?;
+            let w = StreamingWriter::create(&self.dir.join("model.safetensors"), 64)?;
+            w.finish(Some(pt_metadata()))?;
             return Ok((0, 1));
         }
         let mut bytes = 0;
@@ -380,6 +379,36 @@ impl ShardedWriter {
         }
         Ok((bytes, n))
     }
+}
+
+/// The header metadata transformers writes.
+fn pt_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// Header bytes to reserve for any shard of `weights` written by `quantize` (true) or plain.
+fn output_header_bound(
+    weights: &ModelWeights,
+    names: &[String],
+    quantized: impl Fn(&str) -> bool,
+) -> Result<usize> {
+    let mut entries: Vec<(String, usize)> = Vec::new();
+    for name in names {
+        let ndim = weights.tensor_info(name)?.shape.len();
+        if quantized(name) {
+            entries.push((name.clone(), 2));
+            for suf in NF4_SIDE_SUFFIXES {
+                entries.push((format!("{name}.{suf}"), 1));
+            }
+        } else {
+            entries.push((name.clone(), ndim.max(1)));
+        }
+    }
+    let meta = pt_metadata();
+    Ok(header_bound(
+        entries.iter().map(|(n, d)| (n.as_str(), *d)),
+        Some(&meta),
+    ))
 }
 
 /// Write JSON the way transformers does (2-space indent, trailing newline).
@@ -460,7 +489,13 @@ pub fn quantize_model_dir(
         }
     }
     let staging = Staging::new(input, out, opts.force)?;
-    let mut writer = ShardedWriter::new(&staging.tmp, opts.max_shard_bytes);
+    let quantized = |name: &str| {
+        let info = weights.tensor_info(name).expect("listed tensor");
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        is_quantizable(name, &info.shape) && !is_skipped(module, &opts.skip_modules)
+    };
+    let reserve = output_header_bound(&weights, &names, quantized)?;
+    let mut writer = ShardedWriter::new(&staging.tmp, opts.max_shard_bytes, reserve);
     let mut s = ConvertSummary {
         tensors_in: names.len(),
         bytes_in: weights.total_bytes() as u64,
@@ -470,8 +505,7 @@ pub fn quantize_model_dir(
         let info = weights.tensor_info(name)?.clone();
         let numel = info.numel() as u64;
         s.params_total += numel;
-        let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
-        if is_quantizable(name, &info.shape) && !is_skipped(module, &opts.skip_modules) {
+        if quantized(name) {
             let data = FloatData::Bytes(info.dtype, weights.bytes(name)?);
             let t = Nf4Tensor::quantize_data(
                 name,
@@ -529,7 +563,8 @@ pub fn dequantize_model_dir(
         ));
     }
     let staging = Staging::new(input, out, force)?;
-    let mut writer = ShardedWriter::new(&staging.tmp, max_shard_bytes);
+    let reserve = output_header_bound(&weights, &weights.names(), |_| false)?;
+    let mut writer = ShardedWriter::new(&staging.tmp, max_shard_bytes, reserve);
     let names = weights.names();
     let mut s = ConvertSummary {
         tensors_in: names.len(),
