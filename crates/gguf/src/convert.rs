@@ -6,6 +6,7 @@
 //! or failed conversion never leaves a half-written model where a later step would find it.
 
 use std::collections::{BTreeMap, HashMap};
+
 use std::path::{Path, PathBuf};
 
 use half::bf16;
@@ -55,35 +56,6 @@ fn encode(x: &[f32], dtype: OutDtype) -> Vec<u8> {
     }
 }
 
-/// `model.safetensors` with `{"format": "pt"}` metadata, like transformers writes.
-fn write_weights(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<u8>)],
-    dtype: OutDtype,
-) -> Result<()> {
-    let st_dtype = match dtype {
-        OutDtype::F32 => safetensors::Dtype::F32,
-        OutDtype::BF16 => safetensors::Dtype::BF16,
-    };
-    let views = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| GgufError::Tensor {
-                    path: path.to_path_buf(),
-                    tensor: name.clone(),
-                    reason: format!("cannot be written: {e}"),
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::tensor::serialize_to_file(views, &meta, path).map_err(|e| GgufError::Write {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })
-}
-
 /// Convert a `llama` GGUF file into a Hugging Face directory `out_dir` holding `config.json`,
 /// `generation_config.json`, `model.safetensors` (`dtype`), `tokenizer.json` and
 /// `tokenizer_config.json`. `out_dir` must not exist or be empty.
@@ -123,8 +95,14 @@ pub fn convert_to_hf(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<Con
     std::fs::create_dir(&tmp).map_err(write_err(&tmp))?;
 
     let result = (|| -> Result<ConvertSummary> {
+        // One tensor in memory at a time: each is dequantized, encoded and appended to a spool
+        // file, and the safetensors file is assembled from the spool at the end.
+        let st_dtype = match dtype {
+            OutDtype::F32 => qlora_nf4::Dtype::F32,
+            OutDtype::BF16 => qlora_nf4::Dtype::BF16,
+        };
+        let mut writer = qlora_nf4::StreamingWriter::create(&tmp.join(".model.safetensors.spool"))?;
         let mut source_types = BTreeMap::new();
-        let mut tensors = Vec::with_capacity(model.tensors.len());
         let mut n_params = 0u64;
         for t in &model.tensors {
             let info = model
@@ -134,10 +112,11 @@ pub fn convert_to_hf(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<Con
             *source_types.entry(info.ty.name()).or_insert(0) += 1;
             let values = model.load(t)?;
             n_params += values.len() as u64;
-            tensors.push((t.hf_name.clone(), t.shape.clone(), encode(&values, dtype)));
+            writer.add(&t.hf_name, st_dtype, &t.shape, &encode(&values, dtype))?;
         }
-        write_weights(&tmp.join("model.safetensors"), &tensors, dtype)?;
-        drop(tensors);
+        // transformers writes {"format": "pt"}; some loaders check it.
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        writer.finish(&tmp.join("model.safetensors"), Some(meta))?;
         write_json(&tmp.join("config.json"), &model.hparams.config_json(dtype))?;
         write_json(
             &tmp.join("generation_config.json"),

@@ -231,6 +231,29 @@ fn tiny_llama_round_trip_weights_and_config() {
         assert_eq!(bad, None, "{name}: first differing element");
     }
 
+    // The project's own loader reads the directory and sees the same values.
+    let mw = qlora_nf4::ModelWeights::open(&out).unwrap();
+    assert_eq!(mw.names(), expected.keys().cloned().collect::<Vec<_>>());
+    for (name, (_, vals)) in &expected {
+        assert_eq!(&mw.get_f32(name).unwrap(), vals, "{name} via ModelWeights");
+    }
+    // Exactly the five files (no spool or temporary file left inside).
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+
     // config.json: every field a Llama loader reads equals the original.
     let orig = read_json(&fixture("config.json"));
     let cfg = read_json(&out.join("config.json"));
