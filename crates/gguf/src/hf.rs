@@ -182,12 +182,11 @@ impl LlamaHparams {
                 tensor: "token_embd.weight".into(),
                 reason: "missing".into(),
             })?;
+        // Without `llama.vocab_size` the embedding's row count is the vocabulary size (it may be
+        // padded beyond the token list, so the token count is not used).
         let vocab_size = match f.get_u64("llama.vocab_size")? {
             Some(_) => usize_key("llama.vocab_size")?,
-            None => match f.get_str_array("tokenizer.ggml.tokens")? {
-                Some(t) => t.len(),
-                None => emb.dims.get(1).copied().unwrap_or(0) as usize,
-            },
+            None => emb.dims.get(1).copied().unwrap_or(0) as usize,
         };
 
         let rms = f

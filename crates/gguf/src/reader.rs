@@ -308,6 +308,15 @@ impl GgufFile {
             });
         }
         let version = c.u32(&|| "the version".into())?;
+        if version.swap_bytes() == 2 || version.swap_bytes() == 3 {
+            return Err(c.corrupt(
+                "header".into(),
+                format!(
+                    "big-endian GGUF v{} files are not supported (convert it little-endian)",
+                    version.swap_bytes()
+                ),
+            ));
+        }
         if version != 2 && version != 3 {
             return Err(GgufError::UnsupportedVersion {
                 path: path.to_path_buf(),
