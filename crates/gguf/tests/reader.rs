@@ -177,6 +177,11 @@ fn corrupt_headers_are_refused_by_name() {
         "{err}"
     );
 
+    let mut b = full.clone();
+    b[4..8].copy_from_slice(&3u32.to_be_bytes());
+    let err = GgufFile::open(&write(&dir, "be.gguf", &b)).err().unwrap();
+    assert!(err.to_string().contains("big-endian"), "{err}");
+
     // Unknown value type tag on key `t.u8` (its tag follows the key bytes).
     let mut b = full.clone();
     let k = b.windows(4).position(|x| x == b"t.u8").unwrap() + 4;
