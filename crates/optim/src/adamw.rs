@@ -126,11 +126,7 @@ impl AdamWConfig {
             return bad("eps", self.eps, "must be finite and >= 0");
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad(
-                "weight_decay",
-                self.weight_decay,
-                "must be finite and >= 0",
-            );
+            return bad("weight_decay", self.weight_decay, "must be finite and >= 0");
         }
         if self.min_8bit_size == 0 {
             return bad("min_8bit_size", 0.0, "must be >= 1");
@@ -308,7 +304,11 @@ mod tests {
             max_grad_norm: Some(0.0),
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("max_grad_norm"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_grad_norm"));
         assert!(AdamWConfig::default().validate().is_ok());
     }
 

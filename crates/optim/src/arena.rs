@@ -94,7 +94,7 @@ impl ArenaLayout {
                     name: t.name.clone(),
                 });
             }
-            let end = t.offset.checked_add(t.numel).unwrap_or(usize::MAX);
+            let end = t.offset.saturating_add(t.numel);
             if let Some(p) = prev {
                 if t.offset < p.offset + p.numel {
                     return Err(OptimError::Overlap {
@@ -334,9 +334,8 @@ impl StateArena {
         let (_, rest) =
             rest.split_at_mut(layout.absmax_m.offset - layout.v32.offset - layout.v32.bytes);
         let (am, rest) = rest.split_at_mut(layout.absmax_m.bytes);
-        let (_, rest) = rest.split_at_mut(
-            layout.absmax_v.offset - layout.absmax_m.offset - layout.absmax_m.bytes,
-        );
+        let (_, rest) = rest
+            .split_at_mut(layout.absmax_v.offset - layout.absmax_m.offset - layout.absmax_m.bytes);
         let (av, rest) = rest.split_at_mut(layout.absmax_v.bytes);
         let (_, rest) =
             rest.split_at_mut(layout.m8.offset - layout.absmax_v.offset - layout.absmax_v.bytes);
@@ -397,8 +396,16 @@ mod tests {
 
     #[test]
     fn state_layout_and_chunks_cover_every_element_once() {
-        let l = ArenaLayout::packed([("small", 4095usize), ("big", 4097), ("one", 1), ("mid", 5000)], 64)
-            .unwrap();
+        let l = ArenaLayout::packed(
+            [
+                ("small", 4095usize),
+                ("big", 4097),
+                ("one", 1),
+                ("mid", 5000),
+            ],
+            64,
+        )
+        .unwrap();
         let cfg = AdamWConfig {
             state_bits: StateBits::Blockwise8,
             ..Default::default()

@@ -37,18 +37,33 @@ impl Default for Maps {
     }
 }
 
-/// Updates one block in place. `p`, `g`, `c1`, `c2` have the block's valid length (≤ 256).
+/// The 8-bit state of one block.
+pub struct BlockState<'a> {
+    /// (len,) u8 codes of m into the signed map.
+    pub c1: &'a mut [u8],
+    /// (len,) u8 codes of v into the unsigned map.
+    pub c2: &'a mut [u8],
+    /// The block's f32 absmax of m.
+    pub absmax_m: &'a mut f32,
+    /// The block's f32 absmax of v.
+    pub absmax_v: &'a mut f32,
+}
+
+/// Updates one block in place. `p`, `g` and the codes have the block's valid length (≤ 256).
 /// Returns the number of non-finite gradient elements (left unchanged).
 pub fn update_block(
     s: &StepScalars,
     maps: &Maps,
     p: &mut [f32],
     g: &[f32],
-    c1: &mut [u8],
-    c2: &mut [u8],
-    absmax_m: &mut f32,
-    absmax_v: &mut f32,
+    st: BlockState<'_>,
 ) -> u32 {
+    let BlockState {
+        c1,
+        c2,
+        absmax_m,
+        absmax_v,
+    } = st;
     let n = p.len();
     debug_assert!(n <= QBLOCK && g.len() == n && c1.len() == n && c2.len() == n);
     let mut m = [0f32; QBLOCK];
@@ -65,7 +80,10 @@ pub fn update_block(
             m[j] = m1;
             v[j] = v1;
         } else {
-            m[j] = m0;
+            // Unchanged. `+ 0.0` turns the −0 that code 0 · absmax 0 dequantizes to (fresh
+            // state) into +0, which requantizes to +0; −0 would hit bnb's sign fix and move to
+            // the code below zero.
+            m[j] = m0 + 0.0;
             v[j] = v0;
             bad += 1;
         }
@@ -88,6 +106,20 @@ pub fn update_block(
 mod tests {
     use super::*;
     use crate::adamw::{AdamWConfig, AdamWVariant};
+
+    fn bs<'a>(
+        c1: &'a mut [u8],
+        c2: &'a mut [u8],
+        am: &'a mut f32,
+        av: &'a mut f32,
+    ) -> BlockState<'a> {
+        BlockState {
+            c1,
+            c2,
+            absmax_m: am,
+            absmax_v: av,
+        }
+    }
 
     fn bnb(lr: f64, wd: f64) -> AdamWConfig {
         AdamWConfig {
@@ -112,7 +144,16 @@ mod tests {
         let mut p = [1.0f32, 1.0, 1.0];
         let (mut c1, mut c2) = ([0u8; 3], [0u8; 3]);
         let (mut am, mut av) = (0f32, 0f32);
-        assert_eq!(update_block(&s, &maps, &mut p, &g, &mut c1, &mut c2, &mut am, &mut av), 0);
+        assert_eq!(
+            update_block(
+                &s,
+                &maps,
+                &mut p,
+                &g,
+                bs(&mut c1, &mut c2, &mut am, &mut av)
+            ),
+            0
+        );
         assert_eq!(am, (1.0f32 - 0.9) * a);
         assert_eq!(av, ((1.0f32 - 0.999) * a) * a);
         assert_eq!(c1[0], 255);
@@ -126,7 +167,10 @@ mod tests {
         assert_eq!(c2[1], nearest(&maps.unsigned, 0.25));
         assert_eq!(maps.signed[c1[2] as usize], 0.0);
         assert_eq!(maps.unsigned[c2[2] as usize], 0.0);
-        assert!((p[0] - 0.99).abs() < 1e-6 && (p[1] - 1.01).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 0.99).abs() < 1e-6 && (p[1] - 1.01).abs() < 1e-6,
+            "{p:?}"
+        );
         assert_eq!(p[2], 1.0);
     }
 
@@ -164,7 +208,13 @@ mod tests {
         for j in 0..n {
             want_p[j] = (want_p[j] + s.step_size * (m[j] / (v[j].sqrt() + s.eps))) * s.wd_factor;
         }
-        update_block(&s, &maps, &mut p, &g, &mut c1, &mut c2, &mut am, &mut av);
+        update_block(
+            &s,
+            &maps,
+            &mut p,
+            &g,
+            bs(&mut c1, &mut c2, &mut am, &mut av),
+        );
         assert_eq!(am, nam);
         assert_eq!(av, nav);
         assert_eq!(p, want_p);
@@ -174,7 +224,7 @@ mod tests {
             let vq = maps.unsigned[c2[j] as usize] * av;
             assert!((mq - m[j]).abs() <= 0.02 * am, "m[{j}]");
             assert!((vq - v[j]).abs() <= 0.02 * av + 1e-12, "v[{j}]");
-            assert_eq!(mq == 0.0 || mq.is_sign_negative() == m[j].is_sign_negative(), true);
+            assert!(mq == 0.0 || mq.is_sign_negative() == m[j].is_sign_negative());
         }
     }
 
@@ -189,7 +239,13 @@ mod tests {
         let g = [f32::NAN, 1e-6];
         let (mut c1, mut c2) = ([255u8, 127], [255u8, 0]);
         let (mut am, mut av) = (0.1f32, 0.01f32);
-        let bad = update_block(&s, &maps, &mut p, &g, &mut c1, &mut c2, &mut am, &mut av);
+        let bad = update_block(
+            &s,
+            &maps,
+            &mut p,
+            &g,
+            bs(&mut c1, &mut c2, &mut am, &mut av),
+        );
         assert_eq!(bad, 1);
         assert_eq!(p[0], 0.5);
         assert_eq!((am, av), (0.1, 0.01));

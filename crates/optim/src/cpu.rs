@@ -6,7 +6,7 @@ use crate::adamw::{update_f32, AdamWConfig, StepScalars};
 use crate::arena::{
     chunk_table, ArenaLayout, Chunk, StateArena, StateKind, StateLayout, CHUNK32, QBLOCK,
 };
-use crate::blockwise8::{update_block, Maps};
+use crate::blockwise8::{update_block, BlockState, Maps};
 use crate::clip;
 use crate::error::{OptimError, Result};
 use crate::schedule::LrSchedule;
@@ -150,7 +150,12 @@ impl AdamW {
                 lr,
             });
         }
-        Ok(StepScalars::new(&self.config, self.steps + 1, lr, grad_scale))
+        Ok(StepScalars::new(
+            &self.config,
+            self.steps + 1,
+            lr,
+            grad_scale,
+        ))
     }
 
     /// One AdamW step over the whole arena at learning rate `lr`: `params` and `grads` are the
@@ -263,7 +268,15 @@ impl AdamW {
                     c2,
                     am,
                     av,
-                } => update_block(s, maps, p, g, c1, c2, am, av) as u64,
+                } => {
+                    let st = BlockState {
+                        c1,
+                        c2,
+                        absmax_m: am,
+                        absmax_v: av,
+                    };
+                    update_block(s, maps, p, g, st) as u64
+                }
             })
             .sum()
     }

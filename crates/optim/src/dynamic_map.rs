@@ -256,7 +256,10 @@ mod tests {
         for i in 0..7 {
             let lo = 0.1 * 10f64.powi(i - 6);
             let hi = 10f64.powi(i - 6);
-            let n = u.iter().filter(|x| (**x as f64) > lo && (**x as f64) < hi).count();
+            let n = u
+                .iter()
+                .filter(|x| (**x as f64) > lo && (**x as f64) < hi)
+                .count();
             assert_eq!(n, 1 << (i + 1), "unsigned decade {i}");
         }
     }
@@ -288,7 +291,11 @@ mod tests {
         // dense sweep.
         for (signed, code) in [(true, dynamic_signed()), (false, dynamic_unsigned())] {
             for k in 0..256 {
-                assert_eq!(quantize_2d(&code, signed, code[k]) as usize, k, "exact code {k}");
+                assert_eq!(
+                    quantize_2d(&code, signed, code[k]) as usize,
+                    k,
+                    "exact code {k}"
+                );
             }
             let lo = if signed { -1.0f32 } else { 0.0 };
             let n = 200_000;
@@ -301,7 +308,10 @@ mod tests {
                     // only allowed when x sits on the f32 midpoint (then distances tie)
                     let d1 = (code[q as usize] - x).abs();
                     let d2 = (code[e as usize] - x).abs();
-                    assert!((d1 - d2).abs() <= f32::EPSILON * x.abs().max(1e-30), "x={x} q={q} nearest={e}");
+                    assert!(
+                        (d1 - d2).abs() <= f32::EPSILON * x.abs().max(1e-30),
+                        "x={x} q={q} nearest={e}"
+                    );
                     disagreements += 1;
                 }
             }

@@ -20,7 +20,11 @@ pub enum OptimError {
         prev_end: usize,
     },
     #[error("arena layout: tensor `{name}` ends at element {end}, past the arena length {len}")]
-    OutOfArena { name: String, end: usize, len: usize },
+    OutOfArena {
+        name: String,
+        end: usize,
+        len: usize,
+    },
     #[error("arena layout: alignment {align} must be a power of two")]
     BadAlignment { align: usize },
     #[error("step {step}: the {what} arena has {got} elements, the layout needs {want}")]

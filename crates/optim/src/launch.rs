@@ -86,7 +86,14 @@ mod tests {
 
     #[test]
     fn threads_cover_each_chunk_element_once() {
-        for (kind, len) in [(0u32, 2048u32), (0, 1), (0, 1999), (1, 256), (1, 1), (1, 77)] {
+        for (kind, len) in [
+            (0u32, 2048u32),
+            (0, 1),
+            (0, 1999),
+            (1, 256),
+            (1, 1),
+            (1, 77),
+        ] {
             let mut seen = vec![0u8; len as usize];
             for x in 0..THREADS {
                 for k in 0..PER_THREAD_32 {

@@ -52,7 +52,9 @@ impl PagingPolicy {
                     _ => (n, 1),
                 };
                 let v: u64 = digits.parse().map_err(|_| bad())?;
-                Ok(PagingPolicy::AboveBytes(v.checked_mul(mul).ok_or_else(bad)?))
+                Ok(PagingPolicy::AboveBytes(
+                    v.checked_mul(mul).ok_or_else(bad)?,
+                ))
             }
         }
     }
@@ -101,7 +103,12 @@ mod tests {
             PagingPolicy::parse("above:123").unwrap(),
             PagingPolicy::AboveBytes(123)
         );
-        for bad in ["sometimes", "above:", "above:x", "above:99999999999999999999G"] {
+        for bad in [
+            "sometimes",
+            "above:",
+            "above:x",
+            "above:99999999999999999999G",
+        ] {
             let e = PagingPolicy::parse(bad).unwrap_err().to_string();
             assert!(e.contains("paging") && e.contains(bad), "{e}");
         }

@@ -54,9 +54,7 @@ impl LrSchedule {
     /// λ(k) for the optimizer step with 0-based index `step`.
     pub fn factor(&self, step: u64) -> f64 {
         let k = step as f64;
-        let warm = |w: u64| -> Option<f64> {
-            (step < w).then(|| k / (w.max(1) as f64))
-        };
+        let warm = |w: u64| -> Option<f64> { (step < w).then(|| k / (w.max(1) as f64)) };
         match *self {
             LrSchedule::Constant { warmup } => warm(warmup).unwrap_or(1.0),
             LrSchedule::Linear { warmup, total } => warm(warmup).unwrap_or_else(|| {

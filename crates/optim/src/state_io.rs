@@ -2,10 +2,11 @@
 //!
 //! Format: a safetensors file. Tensors (only the non-empty ones): `m32` F32 (n32), `v32` F32
 //! (n32), `absmax_m` F32 (nblocks), `absmax_v` F32 (nblocks), `m8` U8 (n8), `v8` U8 (n8): the
-//! sections of the state arena, little-endian, exactly as in memory. Metadata (strings):
-//! `format` = `qlora-optim-state`, `version` = `1`, `step` (steps taken), `config` (the
-//! [`AdamWConfig`] as JSON) and `layout` (the [`ArenaLayout`] as JSON). Loading requires the
-//! same layout and configuration: anything else could not continue bit-identically.
+//! sections of the state arena, little-endian, exactly as in memory. Metadata: one key,
+//! `qlora-optim`, holding a JSON object `{"format": "qlora-optim-state", "version": 1, "step":
+//! N, "config": {AdamWConfig}, "layout": {ArenaLayout}}` (one key, so the file bytes are
+//! deterministic: safetensors writes its metadata map in hash order). Loading requires the same
+//! layout and configuration: anything else could not continue bit-identically.
 
 use crate::adamw::AdamWConfig;
 use crate::arena::{ArenaLayout, Section, StateArena, StateLayout};
@@ -16,7 +17,17 @@ use std::collections::HashMap;
 use std::path::Path;
 
 const FORMAT: &str = "qlora-optim-state";
-const VERSION: &str = "1";
+const VERSION: u64 = 1;
+const META_KEY: &str = "qlora-optim";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Meta {
+    format: String,
+    version: u64,
+    step: u64,
+    config: AdamWConfig,
+    layout: ArenaLayout,
+}
 
 fn sections(l: &StateLayout) -> [(&'static str, Section, Dtype); 6] {
     [
@@ -48,16 +59,18 @@ impl AdamW {
             })?;
             views.push((name, view));
         }
-        let json = |v: serde_json::Result<String>| v.expect("config and layout serialize");
-        let meta: HashMap<String, String> = [
-            ("format".to_string(), FORMAT.to_string()),
-            ("version".to_string(), VERSION.to_string()),
-            ("step".to_string(), self.steps().to_string()),
-            ("config".to_string(), json(serde_json::to_string(self.config()))),
-            ("layout".to_string(), json(serde_json::to_string(self.layout()))),
-        ]
-        .into_iter()
-        .collect();
+        let meta = Meta {
+            format: FORMAT.to_string(),
+            version: VERSION,
+            step: self.steps(),
+            config: self.config().clone(),
+            layout: self.layout().clone(),
+        };
+        let json = serde_json::to_string(&meta).map_err(|e| OptimError::StateFile {
+            path: "<memory>".into(),
+            what: e.to_string(),
+        })?;
+        let meta: HashMap<String, String> = [(META_KEY.to_string(), json)].into_iter().collect();
         safetensors::serialize(views, &Some(meta)).map_err(|e| OptimError::StateFile {
             path: "<memory>".into(),
             what: e.to_string(),
@@ -100,25 +113,21 @@ impl AdamW {
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| err(e.to_string()))?;
         let st = SafeTensors::deserialize(bytes).map_err(|e| err(e.to_string()))?;
         let md = meta.metadata().clone().unwrap_or_default();
-        let get = |k: &str| {
-            md.get(k)
-                .cloned()
-                .ok_or_else(|| err(format!("metadata key `{k}` missing")))
-        };
-        if get("format")? != FORMAT {
+        let json = md
+            .get(META_KEY)
+            .ok_or_else(|| err(format!("metadata key `{META_KEY}` missing")))?;
+        let meta: Meta =
+            serde_json::from_str(json).map_err(|e| err(format!("metadata `{META_KEY}`: {e}")))?;
+        if meta.format != FORMAT {
             return Err(err(format!("metadata `format` is not `{FORMAT}`")));
         }
-        let version = get("version")?;
-        if version != VERSION {
-            return Err(err(format!("unsupported version `{version}` (expected {VERSION})")));
+        if meta.version != VERSION {
+            return Err(err(format!(
+                "unsupported version {} (expected {VERSION})",
+                meta.version
+            )));
         }
-        let steps: u64 = get("step")?
-            .parse()
-            .map_err(|_| err("metadata `step` is not an integer".into()))?;
-        let saved_cfg: AdamWConfig = serde_json::from_str(&get("config")?)
-            .map_err(|e| err(format!("metadata `config`: {e}")))?;
-        let saved_layout: ArenaLayout = serde_json::from_str(&get("layout")?)
-            .map_err(|e| err(format!("metadata `layout`: {e}")))?;
+        let (steps, saved_cfg, saved_layout) = (meta.step, meta.config, meta.layout);
         if saved_cfg != config {
             return Err(err(format!(
                 "saved with configuration {saved_cfg:?}, but this run is configured {config:?}"
