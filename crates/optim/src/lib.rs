@@ -15,7 +15,8 @@
 //! # let _ = report; Ok(()) }
 //! ```
 //! See [`adamw`] for the exact arithmetic of each variant and the non-finite-gradient rule,
-//! [`arena`] for the memory layout, [`paging`] for the GPU paging policy.
+//! [`arena`] for the memory layout, [`paging`] for the GPU paging policy, [`gpu`] for the CUDA
+//! path (`cuda/adamw.cu`).
 
 pub mod adamw;
 pub mod arena;
@@ -24,6 +25,7 @@ pub mod clip;
 pub mod cpu;
 pub mod dynamic_map;
 mod error;
+pub mod gpu;
 pub mod launch;
 pub mod paging;
 pub mod schedule;
@@ -33,5 +35,6 @@ pub use adamw::{AdamWConfig, AdamWVariant, StateBits, StepScalars};
 pub use arena::{ArenaLayout, Chunk, StateArena, StateLayout, TensorSpec, ARENA_ALIGN, QBLOCK};
 pub use cpu::{AdamW, StepReport};
 pub use error::{OptimError, Result};
+pub use gpu::{GpuAdamW, GpuStepReport};
 pub use paging::{DeviceMemory, PagingPolicy};
 pub use schedule::LrSchedule;
