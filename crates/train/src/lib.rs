@@ -26,10 +26,16 @@ pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod lora;
+pub mod model;
+pub mod schedule;
 mod st;
+pub mod weights;
 
 pub use backend::{AttnDims, Backend, Dropout, FrozenWeight, LinearDims, LoraArgs, RopeDims};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use cpu::{CpuBackend, CpuFrozen};
 pub use error::{Result, TrainError};
 pub use lora::{AdapterLayout, AdapterWeights, LoraConfig, LoraInit, LoraSlot, ParamReport, Proj, SavedModule, TargetModules};
+pub use model::{BaseFormat, Layer, Linear, Model};
+pub use schedule::{forward_backward, forward_hidden, forward_logits, forward_loss, Adapter, Batch, KvCache, LossScale, LossStats, StepOptions};
+pub use weights::{MapSource, SafetensorsDir, WeightSource};

@@ -843,3 +843,19 @@ fn thousands(n: usize) -> String {
     }
     out
 }
+
+/// Merge one LoRA pair into its base weight in place: `W (out, in) += S·B·A`
+/// (PEFT `merge_and_unload`; for an NF4 base pass the dequantized weight).
+pub fn merge_into(w: &mut [f32], slot: &LoraSlot, params: &[f32]) {
+    assert_eq!(w.len(), slot.out_features * slot.in_features);
+    crate::cpu::mm_nn(
+        w,
+        &params[slot.b_range()],
+        &params[slot.a_range()],
+        slot.out_features,
+        slot.in_features,
+        slot.r,
+        slot.scale as f32,
+        true,
+    );
+}
