@@ -10,6 +10,8 @@ use crate::lora::LoraSlot;
 pub enum FrozenWeight {
     /// Unquantized (f32 widened from f32/bf16/f16): `(out·in,)` f32.
     Dense(Vec<f32>),
+    /// NF4 blockwise quantized (the source of truth for a 4-bit base).
+    Nf4(qlora_nf4::Nf4Tensor),
 }
 
 /// Dims of a linear op: `x (N, in)`, `y (N, out)`, N = B·T rows.

@@ -44,6 +44,9 @@ pub enum TrainError {
         tensor: String,
         msg: String,
     },
+    /// Error from the NF4 crate (quantization, safetensors, bnb checkpoints).
+    #[error(transparent)]
+    Nf4(#[from] qlora_nf4::Nf4Error),
     /// Bad batch / dims handed to the schedule (names what).
     #[error("batch: {0}")]
     Batch(String),

@@ -38,4 +38,4 @@ pub use error::{Result, TrainError};
 pub use lora::{AdapterLayout, AdapterWeights, LoraConfig, LoraInit, LoraSlot, ParamReport, Proj, SavedModule, TargetModules};
 pub use model::{BaseFormat, Layer, Linear, Model};
 pub use schedule::{forward_backward, forward_hidden, forward_logits, forward_loss, Adapter, Batch, KvCache, LossScale, LossStats, StepOptions};
-pub use weights::{MapSource, SafetensorsDir, WeightSource};
+pub use weights::{MapSource, WeightSource};

@@ -10,13 +10,25 @@ use crate::backend::{Backend, FrozenWeight};
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
 use crate::lora::Proj;
-use crate::weights::{MapSource, SafetensorsDir, WeightSource};
+use crate::weights::{MapSource, WeightSource};
+use qlora_nf4::ModelWeights;
 
 /// How the frozen projection weights are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BaseFormat {
     /// Unquantized, exactly the checkpoint's values widened to f32 (plain LoRA, f32 fixtures).
     Dense,
+    /// Quantized to NF4 on load (bitsandbytes' rules, `qlora_nf4`): QLoRA. A bitsandbytes
+    /// 4-bit checkpoint is always loaded as stored, whatever is asked here.
+    Nf4 { blocksize: usize, double_quant: bool },
+}
+
+impl BaseFormat {
+    /// The QLoRA recipe: NF4, blocksize 64, double quantization.
+    pub const QLORA: BaseFormat = BaseFormat::Nf4 {
+        blocksize: 64,
+        double_quant: true,
+    };
 }
 
 /// One frozen linear: `w (out, in)`, optional `bias (out,)`.
@@ -48,7 +60,8 @@ pub struct Model<B: Backend> {
     pub norm: B::Buf,
     /// (V, C) lm_head (a copy of the embedding when tied).
     pub lm_head: Linear<B>,
-    pub base_format: BaseFormat,
+    /// The projections are NF4 (quantized on load or read from a bnb 4-bit checkpoint).
+    pub nf4_base: bool,
 }
 
 fn check_shape(src: &dyn WeightSource, name: &str, want: &[usize]) -> Result<()> {
@@ -64,16 +77,11 @@ fn check_shape(src: &dyn WeightSource, name: &str, want: &[usize]) -> Result<()>
 }
 
 impl<B: Backend> Model<B> {
-    /// Load a model directory (`config.json` + safetensors) with f32/bf16/f16 weights.
+    /// Load a model directory (`config.json` + safetensors, single or sharded): f32/bf16/f16
+    /// weights held as `format` says, or a bitsandbytes 4-bit checkpoint (NF4 as stored).
     pub fn load(be: &B, dir: &Path, format: BaseFormat) -> Result<Model<B>> {
         let config = ModelConfig::from_dir(dir)?;
-        if config.bnb_4bit {
-            return Err(TrainError::unsupported(
-                dir.join("config.json"),
-                "a bitsandbytes 4-bit checkpoint needs the NF4 loader",
-            ));
-        }
-        let src = SafetensorsDir::open(dir)?;
+        let src = ModelWeights::open(dir)?;
         Self::from_source(be, config, &src, format)
     }
 
@@ -87,6 +95,14 @@ impl<B: Backend> Model<B> {
         };
         check_shape(src, "model.embed_tokens.weight", &[v, c])?;
         let embed_host = src.get_f32("model.embed_tokens.weight")?;
+        if config.bnb_4bit && !(0..config.num_layers).any(|l| src.is_nf4(&format!("{}.weight", Proj::Q.module_path(l)))) {
+            return Err(TrainError::tensor(
+                src.origin(),
+                "model.layers.*.weight",
+                "config.json has a bitsandbytes quantization_config but no NF4 projection weight",
+            ));
+        }
+        let mut nf4_base = false;
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             let mut proj = Vec::with_capacity(7);
@@ -94,9 +110,31 @@ impl<B: Backend> Model<B> {
                 let (inf, outf) = p.dims(&config);
                 let base = p.module_path(l);
                 let wname = format!("{base}.weight");
-                check_shape(src, &wname, &[outf, inf])?;
-                let w = match format {
-                    BaseFormat::Dense => FrozenWeight::Dense(src.get_f32(&wname)?),
+                let w = if src.is_nf4(&wname) {
+                    nf4_base = true;
+                    FrozenWeight::Nf4(src.get_nf4(&wname)?)
+                } else {
+                    check_shape(src, &wname, &[outf, inf])?;
+                    let data = src.get_f32(&wname)?;
+                    match format {
+                        BaseFormat::Dense => FrozenWeight::Dense(data),
+                        BaseFormat::Nf4 {
+                            blocksize,
+                            double_quant,
+                        } => {
+                            nf4_base = true;
+                            // QuantState.dtype = the original weight dtype (dequant output).
+                            let dtype = src.dtype(&wname).unwrap_or(qlora_nf4::Dtype::F32);
+                            FrozenWeight::Nf4(qlora_nf4::Nf4Tensor::quantize(
+                                &wname,
+                                &data,
+                                &[outf, inf],
+                                blocksize,
+                                double_quant,
+                                dtype,
+                            )?)
+                        }
+                    }
                 };
                 let has_bias = match p {
                     Proj::Q | Proj::K | Proj::V => config.qkv_bias,
@@ -138,7 +176,7 @@ impl<B: Backend> Model<B> {
                 out_features: v,
             },
             config,
-            base_format: format,
+            nf4_base,
         })
     }
 

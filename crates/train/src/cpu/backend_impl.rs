@@ -20,10 +20,13 @@ impl<T: Real> CpuBackend<T> {
 }
 
 /// A frozen linear weight on the CPU: the dequantized (or widened) `(out, in)` matrix in `T`,
-/// cached once at load.
+/// cached once at load (exact: NF4 dequantization is one f32 product), plus the NF4 tensor it
+/// came from, which stays the source of truth (saved, hashed, merged from).
 pub struct CpuFrozen<T> {
-    /// (out·in,) T
+    /// (out·in,) T, the compute copy
     pub w: Vec<T>,
+    /// The packed NF4 weight when the base is 4-bit.
+    pub nf4: Option<qlora_nf4::Nf4Tensor>,
     pub out_features: usize,
     pub in_features: usize,
 }
@@ -52,8 +55,18 @@ impl<T: Real> Backend for CpuBackend<T> {
         buf.len()
     }
     fn frozen(&self, name: &str, w: FrozenWeight, out: usize, inp: usize) -> Result<CpuFrozen<T>> {
-        let data = match w {
-            FrozenWeight::Dense(v) => v,
+        let (data, nf4) = match w {
+            FrozenWeight::Dense(v) => (v, None),
+            FrozenWeight::Nf4(t) => {
+                if t.shape() != [out, inp] {
+                    return Err(TrainError::tensor(
+                        "<model>",
+                        name,
+                        format!("NF4 shape {:?}, expected [{out}, {inp}]", t.shape()),
+                    ));
+                }
+                (t.dequantize_f32(), Some(t))
+            }
         };
         if data.len() != out * inp {
             return Err(TrainError::tensor(
@@ -64,6 +77,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         Ok(CpuFrozen {
             w: data.iter().map(|&x| T::of(x as f64)).collect(),
+            nf4,
             out_features: out,
             in_features: inp,
         })
