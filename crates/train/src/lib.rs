@@ -25,6 +25,7 @@ pub mod backend;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod eval;
 pub mod lora;
 pub mod model;
 pub mod schedule;
@@ -39,3 +40,4 @@ pub use lora::{AdapterLayout, AdapterWeights, LoraConfig, LoraInit, LoraSlot, Pa
 pub use model::{BaseFormat, Layer, Linear, Model};
 pub use schedule::{forward_backward, forward_hidden, forward_logits, forward_loss, Adapter, Batch, KvCache, LossScale, LossStats, StepOptions};
 pub use weights::{MapSource, WeightSource};
+pub use eval::{evaluate, load_tokenizer, read_eval_jsonl, tokenize_records, EvalOptions, EvalRecord, EvalReport};

@@ -44,32 +44,6 @@ pub(crate) fn view_to_f32(path: &Path, name: &str, v: &TensorView<'_>) -> Result
     })
 }
 
-/// Read an integer tensor (I64/I32/U32) as i64 (token ids in fixtures and logit dumps).
-pub(crate) fn view_to_i64(path: &Path, name: &str, v: &TensorView<'_>) -> Result<Vec<i64>> {
-    let b = v.data();
-    Ok(match v.dtype() {
-        Dtype::I64 => b
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8-byte chunk")))
-            .collect(),
-        Dtype::I32 => b
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().expect("4-byte chunk")) as i64)
-            .collect(),
-        Dtype::U32 => b
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4-byte chunk")) as i64)
-            .collect(),
-        other => {
-            return Err(TrainError::tensor(
-                path,
-                name,
-                format!("dtype {other:?}; expected I64, I32 or U32"),
-            ))
-        }
-    })
-}
-
 /// One tensor to write: name, dtype, shape, little-endian bytes.
 pub(crate) struct OutTensor {
     pub name: String,
