@@ -7,6 +7,8 @@ pub mod embedding;
 pub mod linear;
 pub mod rmsnorm;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+pub mod sgemm_avx512;
 pub mod swiglu;
 
 use rayon::prelude::*;
@@ -61,6 +63,35 @@ pub(crate) unsafe fn gemm_raw<T: Real>(
     parallel: bool,
 ) {
     if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && m >= 12
+        && n >= 32
+        && k >= 16
+        && m * n * k >= PAR_MIN_FLOPS
+        && sgemm_avx512::available()
+    {
+        // SAFETY: T is f32 (checked above), so the casts are identities; the caller's extents.
+        unsafe {
+            sgemm_avx512::sgemm(
+                m,
+                n,
+                k,
+                dst as *mut f32,
+                dst_rs as usize,
+                acc,
+                lhs as *const f32,
+                lhs_rs,
+                lhs_cs,
+                rhs as *const f32,
+                rhs_rs,
+                rhs_cs,
+                alpha.f64() as f32,
+                parallel,
+            );
+        }
         return;
     }
     let par = if parallel && m * n * k >= PAR_MIN_FLOPS && rayon::current_num_threads() > 1 {
