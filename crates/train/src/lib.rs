@@ -1,1 +1,3 @@
 //! Llama-family model, LoRA and the training schedule.
+
+pub mod data;
