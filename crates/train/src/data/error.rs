@@ -104,9 +104,8 @@ pub enum DataError {
     },
 
     #[error(
-        "{dir}: the tokenizer has no chat template (neither `chat_template` in \
-         tokenizer_config.json nor chat_template.jinja), needed for the `messages` record on \
-         {path}:{line}",
+        "{path}:{line}: a `messages` record needs a chat template, but {dir} has none (neither \
+         `chat_template` in tokenizer_config.json nor chat_template.jinja)",
         dir = dir.display(), path = path.display()
     )]
     NoChatTemplate {
