@@ -395,3 +395,19 @@ fn invalid_utf8_names_the_line() {
         "{e:?}"
     );
 }
+
+/// Explicit pre-tokenized labels are kept even with `train_on_inputs`.
+#[test]
+fn explicit_labels_win_over_train_on_inputs() {
+    let c = DataConfig {
+        train_on_inputs: true,
+        ..cfg()
+    };
+    let ds = load_str(
+        "{\"input_ids\": [1, 5, 6], \"labels\": [-100, -100, 6]}",
+        &tiny_tokenizer(),
+        &c,
+    )
+    .unwrap();
+    assert_eq!(ds.examples[0].labels, vec![-100, -100, 6]);
+}

@@ -70,6 +70,7 @@ pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde_json::Value as Json;
 
 pub use batch::{Batch, Batcher, DataPosition};
@@ -233,8 +234,14 @@ impl Dataset {
                 records::parse_jsonl(path, &content)?
             };
             let bound = tokenizer.id_bound();
-            for r in &recs {
-                let (ids, labels) = encode_record(&r.record, tokenizer, cfg, path, r.line, bound)?;
+            // Tokenizing (and template rendering) is the slow part: run it on all cores, then
+            // keep file order for examples, warnings and the first error reported.
+            let encoded: Vec<_> = recs
+                .par_iter()
+                .map(|r| encode_record(&r.record, tokenizer, cfg, path, r.line, bound))
+                .collect();
+            for (r, enc) in recs.iter().zip(encoded) {
+                let (ids, labels) = enc?;
                 ds.push(ids, labels, r.line, cfg)?;
             }
         }
@@ -626,11 +633,8 @@ fn encode_record(
                             "labels[{i}] = {v} is neither -100 nor a token id (< {id_bound})"
                         )));
                     }
-                    if cfg.train_on_inputs {
-                        input_ids.iter().map(|&t| t as i64).collect()
-                    } else {
-                        l.clone()
-                    }
+                    // Explicit labels are the user's decision and win over train_on_inputs.
+                    l.clone()
                 }
             };
             Ok((input_ids.clone(), labels))
