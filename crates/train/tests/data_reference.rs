@@ -190,3 +190,52 @@ fn txt_paragraph_equals_text_record() {
         assert_eq!(ex.input_ids, ints::<u32>(&case["input_ids"]));
     }
 }
+
+/// The generation prompt for `generate --chat`, and the stop ids read from the model files.
+#[test]
+fn chat_prompt_and_stop_ids() {
+    let r = reference();
+    let case = &r["cases"][2];
+    assert_eq!(case["model"], "llama3");
+    let tok = Tokenizer::from_model_dir(data_fixture("llama3")).unwrap();
+    let msgs = case["record"]["messages"].as_array().unwrap();
+    assert_eq!(
+        tok.apply_chat_template(msgs, true).unwrap(),
+        case["generation_text"].as_str().unwrap()
+    );
+    // eos <|eot_id|> (323) from tokenizer_config.json, then config.json's eos_token_id 2.
+    assert_eq!(tok.stop_ids(), &[323, 2]);
+    assert_eq!(tiny_tokenizer().stop_ids(), &[2]);
+    let e = tiny_tokenizer()
+        .apply_chat_template(msgs, true)
+        .unwrap_err();
+    assert!(e.to_string().contains("no chat template"), "{e}");
+}
+
+/// A token that spans the prompt/completion seam (the prompt ends with a space that BPE merges
+/// into the completion's first word) is trained on: masked tokens decode to exactly the prompt
+/// without that space, labelled ones to the completion with the space and eos.
+#[test]
+fn seam_token_counts_as_completion() {
+    let tok = tiny_tokenizer();
+    let ds = load_str(
+        r#"{"prompt": "Scale the ", "completion": "loss rate."}"#,
+        &tok,
+        &cfg(),
+    )
+    .unwrap();
+    let ex = &ds.examples[0];
+    let (masked, labelled): (Vec<(u32, i64)>, Vec<(u32, i64)>) = ex
+        .input_ids
+        .iter()
+        .zip(&ex.labels)
+        .map(|(&i, &l)| (i, l))
+        .partition(|&(_, l)| l == -100);
+    let ids = |v: &[(u32, i64)]| v.iter().map(|p| p.0).collect::<Vec<u32>>();
+    assert_eq!(tok.decode(&ids(&masked), false).unwrap(), "<s>Scale the");
+    assert_eq!(
+        tok.decode(&ids(&labelled), false).unwrap(),
+        " loss rate.</s>"
+    );
+    assert!(labelled.iter().all(|&(i, l)| i as i64 == l));
+}

@@ -52,6 +52,12 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// `labels` as i32 (the CPU cross-entropy's target type); every value is -100 or a token
+    /// id < 2^32 checked at load, and token ids of real vocabularies fit in i32.
+    pub fn labels_i32(&self) -> Vec<i32> {
+        self.labels.iter().map(|&l| l as i32).collect()
+    }
+
     /// True when some row holds more than one example, so a block-diagonal mask is required.
     pub fn is_packed(&self) -> bool {
         self.lines.iter().any(|l| l.len() > 1)

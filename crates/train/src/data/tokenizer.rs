@@ -26,6 +26,9 @@ pub struct Tokenizer {
     bos: Option<(String, u32)>,
     eos: Option<(String, u32)>,
     pad_id: u32,
+    /// Ids that end generation: eos plus every `eos_token_id` listed in config.json and
+    /// generation_config.json (Llama 3.1 lists `<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`).
+    stop_ids: Vec<u32>,
     chat_template: Option<ChatTemplate>,
 }
 
@@ -130,6 +133,21 @@ impl Tokenizer {
             .or(eos.as_ref().map(|(_, id)| *id))
             .unwrap_or(0);
 
+        let gc = read_json(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
+        let mut stop_ids: Vec<u32> = eos.iter().map(|e| e.1).collect();
+        for cfg in [&mc, &gc] {
+            match cfg.get("eos_token_id") {
+                Some(Json::Array(a)) => stop_ids.extend(
+                    a.iter()
+                        .filter_map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok())),
+                ),
+                Some(v) => stop_ids.extend(v.as_u64().and_then(|x| u32::try_from(x).ok())),
+                None => {}
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        stop_ids.retain(|id| seen.insert(*id));
+
         let chat_template = ChatTemplate::from_model_dir(&dir, &tc)?;
         Ok(Self {
             inner,
@@ -137,6 +155,7 @@ impl Tokenizer {
             bos,
             eos,
             pad_id,
+            stop_ids,
             chat_template,
         })
     }
@@ -161,6 +180,38 @@ impl Tokenizer {
     }
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
+    }
+    /// Token ids that end generation (eos first, then the other listed end ids).
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// Renders `messages` with the chat template (for `generate --chat`: pass
+    /// `add_generation_prompt = true` and encode the result with `add_special_tokens = false`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Json],
+        add_generation_prompt: bool,
+    ) -> Result<String, DataError> {
+        let t = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| DataError::Config {
+                path: self.dir.join("tokenizer_config.json"),
+                message: "the tokenizer has no chat template (neither `chat_template` here nor \
+                          chat_template.jinja beside it)"
+                    .into(),
+            })?;
+        t.render(
+            messages,
+            add_generation_prompt,
+            self.bos_token().unwrap_or(""),
+            self.eos_token().unwrap_or(""),
+        )
+        .map_err(|message| DataError::Config {
+            path: t.path().to_owned(),
+            message: format!("chat template failed: {message}"),
+        })
     }
     /// The underlying `tokenizers` tokenizer (for decoding in `generate`).
     pub fn inner(&self) -> &tokenizers::Tokenizer {
