@@ -241,3 +241,44 @@ fn seam_token_counts_as_completion() {
         .zip(&ex.labels)
         .all(|(&i, &l)| l == -100 || l == i as i64));
 }
+
+/// TRL's conversational prompt/completion trains on the completion's assistant turn only: the
+/// same ids as the whole conversation as `messages`, and of the two labelled runs that
+/// transformers' mask gives there, only the second.
+#[test]
+fn conversational_prompt_completion() {
+    let r = reference();
+    let case = &r["cases"][0];
+    assert_eq!(case["model"], "chatml");
+    let msgs = case["record"]["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 5);
+    let rec = serde_json::json!({"prompt": msgs[..4], "completion": msgs[4..]});
+    let tok = Tokenizer::from_model_dir(data_fixture("chatml")).unwrap();
+    let ds = load_str(&rec.to_string(), &tok, &cfg()).unwrap();
+    let ex = &ds.examples[0];
+    let want_ids = ints::<u32>(&case["input_ids"]);
+    assert_eq!(ex.input_ids, want_ids);
+    let full = ints::<i64>(&case["labels"]);
+    // Start of the second labelled run.
+    let second = (1..full.len())
+        .rev()
+        .find(|&t| full[t] != -100 && full[t - 1] == -100)
+        .unwrap();
+    assert!(
+        full[..second].iter().any(|&l| l != -100),
+        "two runs expected"
+    );
+    let want: Vec<i64> = full
+        .iter()
+        .enumerate()
+        .map(|(t, &l)| if t < second { -100 } else { l })
+        .collect();
+    assert_eq!(ex.labels, want);
+    let e = load_str(
+        &serde_json::json!({"prompt": [], "completion": msgs[4..]}).to_string(),
+        &tok,
+        &cfg(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`prompt` is an empty list"), "{e}");
+}

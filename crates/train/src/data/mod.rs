@@ -16,6 +16,7 @@
 //! | `{"text"}` | `encode(text)` (+ post-processor `<s>`) + eos | all | all |
 //! | `{"prompt","completion"}` | `encode(prompt + completion)` + eos | tokens touching the completion, and eos | all |
 //! | `{"messages"}` | `encode(template(messages))`, no post-processor | assistant content + its end token | all |
+//! | `{"prompt":[…],"completion":[…]}` (TRL conversational) | as `messages` = prompt ++ completion | the completion's assistant turns | all |
 //! | `{"input_ids","labels"?}` | as given | `labels`, or all | `labels`, or all |
 //! | `.txt` | paragraphs as `{"text"}`, or the whole file in chunks ([`TextMode`]) | all | all |
 //!
@@ -558,48 +559,10 @@ fn encode_record(
             with_eos(&mut ids, &mut labels);
             Ok((ids, labels))
         }
-        Record::Messages(messages) => {
-            let template = tok
-                .chat_template()
-                .ok_or_else(|| DataError::NoChatTemplate {
-                    dir: tok.dir().to_owned(),
-                    path: path.to_owned(),
-                    line,
-                })?;
-            let (text, spans) = render_with_assistant_spans(
-                template,
-                messages,
-                tok.bos_token().unwrap_or(""),
-                tok.eos_token().unwrap_or(""),
-                !cfg.train_on_inputs,
-            )
-            .map_err(|e| match e {
-                SpanError::Render(message) => DataError::TemplateRender {
-                    path: path.to_owned(),
-                    line,
-                    message,
-                },
-                SpanError::NotPrefix(index) => DataError::TemplateNotIncremental {
-                    path: path.to_owned(),
-                    line,
-                    index,
-                },
-            })?;
-            let enc = tok.encode(&text, false).map_err(encode_err(path, line))?;
-            let labels = enc
-                .ids
-                .iter()
-                .zip(&enc.offsets)
-                .map(|(&t, &(s, e))| {
-                    let inside = spans.iter().any(|&(a, b)| s < b && e > a);
-                    if cfg.train_on_inputs || inside {
-                        t as i64
-                    } else {
-                        IGNORE_INDEX
-                    }
-                })
-                .collect();
-            Ok((enc.ids, labels))
+        Record::Messages(messages) => encode_chat(messages, 0, tok, cfg, path, line),
+        Record::ChatPromptCompletion { prompt, completion } => {
+            let messages: Vec<Json> = prompt.iter().chain(completion).cloned().collect();
+            encode_chat(&messages, prompt.len(), tok, cfg, path, line)
         }
         Record::Tokens { input_ids, labels } => {
             if input_ids.is_empty() {
@@ -642,28 +605,82 @@ fn encode_record(
     }
 }
 
+/// Tokens and labels of a conversation; assistant turns before `first_trainable` are context,
+/// not targets.
+fn encode_chat(
+    messages: &[Json],
+    first_trainable: usize,
+    tok: &Tokenizer,
+    cfg: &DataConfig,
+    path: &Path,
+    line: usize,
+) -> Result<(Vec<u32>, Vec<i64>), DataError> {
+    let template = tok
+        .chat_template()
+        .ok_or_else(|| DataError::NoChatTemplate {
+            dir: tok.dir().to_owned(),
+            path: path.to_owned(),
+            line,
+        })?;
+    let (text, spans) = render_with_assistant_spans(
+        template,
+        messages,
+        tok.bos_token().unwrap_or(""),
+        tok.eos_token().unwrap_or(""),
+        (!cfg.train_on_inputs).then_some(first_trainable),
+    )
+    .map_err(|e| match e {
+        SpanError::Render(message) => DataError::TemplateRender {
+            path: path.to_owned(),
+            line,
+            message,
+        },
+        SpanError::NotPrefix(index) => DataError::TemplateNotIncremental {
+            path: path.to_owned(),
+            line,
+            index,
+        },
+    })?;
+    let enc = tok.encode(&text, false).map_err(encode_err(path, line))?;
+    let labels = enc
+        .ids
+        .iter()
+        .zip(&enc.offsets)
+        .map(|(&t, &(s, e))| {
+            let inside = spans.iter().any(|&(a, b)| s < b && e > a);
+            if cfg.train_on_inputs || inside {
+                t as i64
+            } else {
+                IGNORE_INDEX
+            }
+        })
+        .collect();
+    Ok((enc.ids, labels))
+}
+
 enum SpanError {
     Render(String),
     NotPrefix(usize),
 }
 
-/// Renders `messages` and, when `want_spans`, locates the byte span of every assistant reply
-/// plus its end token in the rendered text (method in the module docs).
+/// Renders `messages` and, with `Some(first)`, locates the byte span of every assistant reply
+/// from message `first` on, plus its end token, in the rendered text (method in the module
+/// docs).
 fn render_with_assistant_spans(
     t: &ChatTemplate,
     messages: &[Json],
     bos: &str,
     eos: &str,
-    want_spans: bool,
+    spans_from: Option<usize>,
 ) -> Result<(String, Vec<(usize, usize)>), SpanError> {
     let full = t
         .render(messages, false, bos, eos)
         .map_err(SpanError::Render)?;
     let mut spans = Vec::new();
-    if !want_spans {
+    let Some(first) = spans_from else {
         return Ok((full, spans));
-    }
-    for (i, m) in messages.iter().enumerate() {
+    };
+    for (i, m) in messages.iter().enumerate().skip(first) {
         if m.get("role").and_then(Json::as_str) != Some("assistant") {
             continue;
         }

@@ -2,7 +2,7 @@
 //!
 //! JSONL: one JSON object per line; blank lines are skipped (their numbers still count). The
 //! record kind is decided by its keys, in this order: `input_ids` (pre-tokenized), `messages`,
-//! `prompt` + `completion`, `text`. Other keys (`id`, `source`, ...) are ignored.
+//! `prompt` + `completion` (strings, or both lists of messages), `text`. Other keys (`id`, `source`, ...) are ignored.
 //!
 //! `.txt`: see [`TextMode`](super::TextMode).
 
@@ -23,6 +23,13 @@ pub enum Record {
     /// `{"messages": [{"role", "content"}, ...]}`: rendered with the chat template. Each
     /// message is kept whole so template-specific keys reach the template.
     Messages(Vec<Json>),
+    /// TRL's conversational prompt/completion, `{"prompt": [messages], "completion":
+    /// [messages]}`: rendered as one conversation; only the assistant turns of `completion`
+    /// are trained on by default.
+    ChatPromptCompletion {
+        prompt: Vec<Json>,
+        completion: Vec<Json>,
+    },
     /// `{"input_ids": [...], "labels": [...]?}`: used as is; `labels` default to `input_ids`.
     Tokens {
         input_ids: Vec<u32>,
@@ -120,31 +127,40 @@ impl Ctx<'_> {
             .collect()
     }
 
-    fn messages(&self, obj: &Map<String, Json>) -> Result<Vec<Json>, DataError> {
-        let Json::Array(list) = &obj["messages"] else {
-            return Err(self.wrong("messages", "a list of {role, content}", &obj["messages"]));
+    /// A list of `{role, content}` objects under `key`; `empty` is the error for `[]`.
+    fn message_list(&self, obj: &Map<String, Json>, key: &str) -> Result<Vec<Json>, DataError> {
+        let Json::Array(list) = &obj[key] else {
+            return Err(self.wrong(key, "a list of {role, content}", &obj[key]));
         };
         if list.is_empty() {
-            return Err(DataError::EmptyMessages {
-                path: self.path.to_owned(),
-                line: self.line,
+            return Err(if key == "messages" {
+                DataError::EmptyMessages {
+                    path: self.path.to_owned(),
+                    line: self.line,
+                }
+            } else {
+                DataError::InvalidRecord {
+                    path: self.path.to_owned(),
+                    line: self.line,
+                    message: format!("`{key}` is an empty list of messages"),
+                }
             });
         }
         for (i, m) in list.iter().enumerate() {
             let Json::Object(o) = m else {
-                return Err(self.wrong(format!("messages[{i}]"), "an object", m));
+                return Err(self.wrong(format!("{key}[{i}]"), "an object", m));
             };
-            for key in ["role", "content"] {
-                match o.get(key) {
+            for field in ["role", "content"] {
+                match o.get(field) {
                     Some(Json::String(_)) => {}
                     Some(v) => {
-                        return Err(self.wrong(format!("messages[{i}].{key}"), "a string", v))
+                        return Err(self.wrong(format!("{key}[{i}].{field}"), "a string", v))
                     }
                     None => {
                         return Err(DataError::InvalidRecord {
                             path: self.path.to_owned(),
                             line: self.line,
-                            message: format!("messages[{i}] has no `{key}`"),
+                            message: format!("{key}[{i}] has no `{field}`"),
                         })
                     }
                 }
@@ -163,9 +179,15 @@ impl Ctx<'_> {
             return Ok(Record::Tokens { input_ids, labels });
         }
         if obj.contains_key("messages") {
-            return Ok(Record::Messages(self.messages(obj)?));
+            return Ok(Record::Messages(self.message_list(obj, "messages")?));
         }
         match (obj.contains_key("prompt"), obj.contains_key("completion")) {
+            (true, true) if obj["prompt"].is_array() && obj["completion"].is_array() => {
+                return Ok(Record::ChatPromptCompletion {
+                    prompt: self.message_list(obj, "prompt")?,
+                    completion: self.message_list(obj, "completion")?,
+                })
+            }
             (true, true) => {
                 return Ok(Record::PromptCompletion {
                     prompt: self.string(obj, "prompt")?,
