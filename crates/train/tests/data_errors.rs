@@ -59,6 +59,8 @@ fn malformed_json_line() {
 fn non_object_line() {
     let e = err_at("{\"text\": \"a\"}\n[1, 2]\n", 2);
     assert!(matches!(e, DataError::WrongType { line: 2, .. }), "{e:?}");
+    let e = err_at("\n[\n  {\"text\": \"a\"}\n]\n", 2);
+    assert!(e.to_string().contains("JSON array; expected JSONL"), "{e}");
 }
 
 #[test]

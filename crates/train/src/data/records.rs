@@ -239,6 +239,15 @@ pub fn parse_jsonl(path: &Path, content: &str) -> Result<Vec<SourceRecord>, Data
         if text.trim().is_empty() {
             continue;
         }
+        // A JSON array file is a common mistake for JSONL: say so instead of a parse error.
+        if out.is_empty() && text.trim_start().starts_with('[') {
+            return Err(DataError::InvalidRecord {
+                path: path.to_owned(),
+                line: ctx.line,
+                message: "the file is a JSON array; expected JSONL (one JSON object per line)"
+                    .into(),
+            });
+        }
         let value: Json = serde_json::from_str(text).map_err(|e| DataError::MalformedJson {
             path: path.to_owned(),
             line: ctx.line,
