@@ -413,3 +413,22 @@ fn explicit_labels_win_over_train_on_inputs() {
     .unwrap();
     assert_eq!(ds.examples[0].labels, vec![-100, -100, 6]);
 }
+
+/// Many warnings are summarised, a few listed.
+#[test]
+fn warning_summary_groups_many_warnings() {
+    let long: Vec<String> = (0..100).map(|i| (i % 300 + 3).to_string()).collect();
+    let rec = format!("{{\"input_ids\": [{}]}}\n", long.join(", "));
+    let ds = load_str(&rec.repeat(10), &tiny_tokenizer(), &cfg()).unwrap();
+    assert_eq!(ds.warnings.len(), 10);
+    let s = ds.warning_summary();
+    assert_eq!(s.len(), 1);
+    assert!(
+        s[0].ends_with("d.jsonl: 10 sequences truncated to max_seq_len (lines 1, 2, 3, ...)"),
+        "{}",
+        s[0]
+    );
+    let ds = load_str(&rec.repeat(2), &tiny_tokenizer(), &cfg()).unwrap();
+    assert_eq!(ds.warning_summary().len(), 2);
+    assert!(ds.warning_summary()[1].contains("d.jsonl:2: sequence of 100 tokens truncated"));
+}

@@ -408,6 +408,48 @@ impl Dataset {
             .sum()
     }
 
+    /// The warnings as lines for a terminal: each kind listed one by one up to 3 times, beyond
+    /// that summarised as a count with the first few lines (a file where every record is too
+    /// long must not print a million lines).
+    pub fn warning_summary(&self) -> Vec<String> {
+        const SHOW: usize = 3;
+        let truncated: Vec<&DataWarning> = self
+            .warnings
+            .iter()
+            .filter(|w| matches!(w, DataWarning::Truncated { .. }))
+            .collect();
+        let dropped: Vec<&DataWarning> = self
+            .warnings
+            .iter()
+            .filter(|w| matches!(w, DataWarning::NoLabels { .. }))
+            .collect();
+        let line_of = |w: &DataWarning| match w {
+            DataWarning::Truncated { line, .. } | DataWarning::NoLabels { line, .. } => *line,
+        };
+        let mut out = Vec::new();
+        for (group, what) in [
+            (truncated, "sequences truncated to max_seq_len"),
+            (dropped, "records dropped for having no token to train on"),
+        ] {
+            if group.len() <= SHOW {
+                out.extend(group.iter().map(|w| w.to_string()));
+            } else {
+                let lines: Vec<String> = group
+                    .iter()
+                    .take(SHOW)
+                    .map(|w| line_of(w).to_string())
+                    .collect();
+                out.push(format!(
+                    "{}: {} {what} (lines {}, ...)",
+                    self.path.display(),
+                    group.len(),
+                    lines.join(", ")
+                ));
+            }
+        }
+        out
+    }
+
     /// Holds out examples for evaluation, chosen by a seeded shuffle of the indices (its own
     /// stream, independent of the epoch shuffles). Both parts keep file order. Returns
     /// `(train, None)` for [`EvalSplit::None`] or a split of 0 examples.
