@@ -419,3 +419,21 @@ fn txt_chunks_cover_the_whole_file() {
     assert_eq!(para.len(), 1);
     assert_eq!(para.warnings.len(), 1);
 }
+
+/// The settings round-trip through JSON (checkpoints store them beside the position).
+#[test]
+fn data_config_serializes() {
+    let c = DataConfig {
+        eval: EvalSplit::Fraction(0.1),
+        text_mode: TextMode::Chunks,
+        packing: true,
+        ..DataConfig::default()
+    };
+    let s = serde_json::to_string(&c).unwrap();
+    assert!(s.contains("\"eval\":{\"fraction\":0.1}"), "{s}");
+    assert_eq!(serde_json::from_str::<DataConfig>(&s).unwrap(), c);
+    let partial: DataConfig = serde_json::from_str("{\"max_seq_len\": 128}").unwrap();
+    assert_eq!(partial.max_seq_len, 128);
+    assert_eq!(partial.seed, DataConfig::default().seed);
+    assert!(serde_json::from_str::<DataConfig>("{\"max_seq_lenn\": 1}").is_err());
+}

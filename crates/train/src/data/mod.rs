@@ -72,6 +72,7 @@ pub mod tokenizer;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 pub use batch::{Batch, Batcher, DataPosition};
@@ -85,7 +86,8 @@ pub use tokenizer::{Encoded, Tokenizer};
 pub const IGNORE_INDEX: i64 = -100;
 
 /// How a `.txt` file becomes examples.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TextMode {
     /// One example per paragraph; paragraphs are separated by one or more blank lines. Each is
     /// tokenized like `{"text"}` and truncated to `max_seq_len` like any record.
@@ -98,7 +100,8 @@ pub enum TextMode {
 }
 
 /// How many examples to hold out for evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EvalSplit {
     #[default]
     None,
@@ -107,8 +110,10 @@ pub enum EvalSplit {
     Count(usize),
 }
 
-/// Settings of the data pipeline (each is a CLI flag / TOML key).
-#[derive(Debug, Clone, PartialEq)]
+/// Settings of the data pipeline (each is a CLI flag / TOML key). Serializable so a checkpoint
+/// can record the settings its [`DataPosition`] is only valid with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// Longest sequence (and packed row) in tokens. Must not exceed the model's
     /// `max_position_embeddings` (the caller checks; see [`DataConfig::validate`]).
