@@ -24,6 +24,7 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod lora;
@@ -36,8 +37,17 @@ pub use backend::{AttnDims, Backend, Dropout, FrozenWeight, LinearDims, LoraArgs
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use cpu::{CpuBackend, CpuFrozen};
 pub use error::{Result, TrainError};
-pub use lora::{AdapterLayout, AdapterWeights, LoraConfig, LoraInit, LoraSlot, ParamReport, Proj, SavedModule, TargetModules};
+pub use eval::{
+    evaluate, load_tokenizer, read_eval_jsonl, tokenize_records, EvalOptions, EvalRecord,
+    EvalReport,
+};
+pub use lora::{
+    AdapterLayout, AdapterWeights, LoraConfig, LoraInit, LoraSlot, ParamReport, Proj, SavedModule,
+    TargetModules,
+};
 pub use model::{BaseFormat, Layer, Linear, Model};
-pub use schedule::{forward_backward, forward_hidden, forward_logits, forward_loss, Adapter, Batch, KvCache, LossScale, LossStats, StepOptions};
+pub use schedule::{
+    forward_backward, forward_hidden, forward_logits, forward_loss, Adapter, Batch, KvCache,
+    LossScale, LossStats, StepOptions,
+};
 pub use weights::{MapSource, WeightSource};
-pub use eval::{evaluate, load_tokenizer, read_eval_jsonl, tokenize_records, EvalOptions, EvalRecord, EvalReport};

@@ -15,7 +15,14 @@ use rayon::prelude::*;
 
 /// The element type of the CPU ops: f32 for training, f64 for gradient checks.
 pub trait Real:
-    num_traits::Float + num_traits::FromPrimitive + Send + Sync + Default + std::fmt::Debug + std::iter::Sum + 'static
+    num_traits::Float
+    + num_traits::FromPrimitive
+    + Send
+    + Sync
+    + Default
+    + std::fmt::Debug
+    + std::iter::Sum
+    + 'static
 {
     fn of(x: f64) -> Self;
     fn f64(self) -> f64;
@@ -101,37 +108,127 @@ pub(crate) unsafe fn gemm_raw<T: Real>(
     };
     // gemm's convention: dst := a·dst + b·lhs·rhs (dst read only when read_dst).
     gemm::gemm(
-        m, n, k, dst, 1, dst_rs, acc, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, T::one(), alpha, false, false, false, par,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        acc,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        T::one(),
+        alpha,
+        false,
+        false,
+        false,
+        par,
     );
 }
 
 /// `c (m, n) [+]= alpha · a (m, k) · b (n, k)ᵀ` — all row-major contiguous.
 #[allow(clippy::too_many_arguments)]
-pub fn mm_nt<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, alpha: T, acc: bool) {
+pub fn mm_nt<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    acc: bool,
+) {
     assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= n * k);
     // SAFETY: extents checked above; slices do not alias (one is &mut).
     unsafe {
-        gemm_raw(m, n, k, c.as_mut_ptr(), n as isize, acc, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, alpha, true)
+        gemm_raw(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            n as isize,
+            acc,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            alpha,
+            true,
+        )
     }
 }
 
 /// `c (m, n) [+]= alpha · a (m, k) · b (k, n)`.
 #[allow(clippy::too_many_arguments)]
-pub fn mm_nn<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, alpha: T, acc: bool) {
+pub fn mm_nn<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    acc: bool,
+) {
     assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     // SAFETY: as mm_nt.
     unsafe {
-        gemm_raw(m, n, k, c.as_mut_ptr(), n as isize, acc, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, alpha, true)
+        gemm_raw(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            n as isize,
+            acc,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            alpha,
+            true,
+        )
     }
 }
 
 /// `c (m, n) [+]= alpha · a (k, m)ᵀ · b (k, n)`.
 #[allow(clippy::too_many_arguments)]
-pub fn mm_tn<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, alpha: T, acc: bool) {
+pub fn mm_tn<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    acc: bool,
+) {
     assert!(c.len() >= m * n && a.len() >= k * m && b.len() >= k * n);
     // SAFETY: as mm_nt.
     unsafe {
-        gemm_raw(m, n, k, c.as_mut_ptr(), n as isize, acc, a.as_ptr(), 1, m as isize, b.as_ptr(), n as isize, 1, alpha, true)
+        gemm_raw(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            n as isize,
+            acc,
+            a.as_ptr(),
+            1,
+            m as isize,
+            b.as_ptr(),
+            n as isize,
+            1,
+            alpha,
+            true,
+        )
     }
 }
 
