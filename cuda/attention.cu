@@ -1,7 +1,7 @@
 // attention.cu: causal grouped-query attention, flash-style (online softmax; logsumexp saved).
 // entries: qlr_attention_fwd_f32 qlr_attention_fwd_bf16 qlr_attention_bwd_delta_f32 qlr_attention_bwd_delta_bf16
 // entries: qlr_attention_bwd_dq_f32 qlr_attention_bwd_dq_bf16 qlr_attention_bwd_dkv_f32 qlr_attention_bwd_dkv_bf16
-// entries: qlr_attention_fwd_mma_bf16
+// entries: qlr_attention_fwd_mma_bf16 qlr_attention_bwd_dq_mma_bf16 qlr_attention_bwd_dkv_mma_bf16
 // fwd: s_ij = scale·q_i·k_j (j ≤ i), p = softmax_j(s), o_i = Σ_j p_ij v_j;  lse_i = log Σ_j exp(s_ij).
 // bwd: delta_i = dO_i·o_i;  p_ij = exp(s_ij − lse_i);  dp_ij = dO_i·v_j;  ds_ij = p_ij (dp_ij − delta_i);
 //      dq_i = scale Σ_j ds_ij k_j;  dk_j = scale Σ_{i, heads of the group} ds_ij q_i;  dv_j = Σ_i p_ij dO_i.
@@ -14,7 +14,9 @@
 // fwd_mma_bf16 (D a multiple of 16, ≤ 128) is the tensor-core forward (FlashAttention-2
 // layout: 4 warps × 16 query rows, 64-key tiles, S = Q·Kᵀ and O += P·V on mma.sync m16n8k16
 // with f32 accumulation, P rounded to bf16 for the second product, online softmax in the
-// log2 domain). Reference: CpuBackend attention.
+// log2 domain); bwd_dq_mma / bwd_dkv_mma are the matching backward (dS and P rounded to bf16
+// as mma operands; dq per query block over key tiles, dk/dv per key block over query tiles
+// and the group's heads: no atomics, deterministic). Reference: CpuBackend attention.
 #include "common.cuh"
 
 #define ATT_DMAX 128
@@ -413,4 +415,267 @@ extern "C" __global__ void __launch_bounds__(128) qlr_attention_fwd_mma_bf16(bf1
         case 128: attn_fwd_mma<128>(o, lse, q, k, v, a, Ks, Vt); break;
         default: break;  // the launcher only picks this kernel for D ∈ 16·{1..8}
     }
+}
+
+// ---------------------------------------------------------------- tensor-core backward (bf16)
+// A fragment (16 rows × 16 k) from row-major shared memory; p = base + (row0 + g)·ld + k0 + 2t.
+__device__ __forceinline__ void fa_ld_a(unsigned* a, const bf16* p, int ld) {
+    a[0] = *reinterpret_cast<const unsigned*>(p);
+    a[1] = *reinterpret_cast<const unsigned*>(p + 8 * ld);
+    a[2] = *reinterpret_cast<const unsigned*>(p + 8);
+    a[3] = *reinterpret_cast<const unsigned*>(p + 8 * ld + 8);
+}
+// B fragment (16 k × 8 n) from shared memory stored [n][k]; p = base + (n0 + g)·ld + k0 + 2t.
+__device__ __forceinline__ void fa_ld_b(unsigned* b, const bf16* p) {
+    b[0] = *reinterpret_cast<const unsigned*>(p);
+    b[1] = *reinterpret_cast<const unsigned*>(p + 8);
+}
+// Copy `rows` rows of D bf16 (global row stride `gstride`, rows ≥ nvalid are zeros) into
+// sm[r][d] (stride ld) and, when smt != nullptr, transposed into smt[d][r] (stride ldt).
+template <int D>
+__device__ __forceinline__ void fa_tile(bf16* sm, int ld, bf16* smt, int ldt, const bf16* g0, long long gstride, int rows,
+                                        int nvalid) {
+    for (int e = threadIdx.x; e < rows * (D / 8); e += blockDim.x) {
+        const int r = e / (D / 8), c = (e % (D / 8)) * 8;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (r < nvalid) x = *reinterpret_cast<const uint4*>(g0 + r * gstride + c);
+        *reinterpret_cast<uint4*>(sm + r * ld + c) = x;
+        if (smt != nullptr) {
+            const bf16* xe = reinterpret_cast<const bf16*>(&x);
+#pragma unroll
+            for (int q8 = 0; q8 < 8; ++q8) smt[(c + q8) * ldt + r] = xe[q8];
+        }
+    }
+}
+
+#define FB_BK 32                 // keys per tile (dq) / queries per tile (dkv)
+#define FB_LD (ATT_DMAX + 8)     // row stride of [row][d] tiles
+#define FB_LDT (FB_BK + 8)       // row stride of transposed [d][row] tiles
+
+// dq for 16 query rows per warp (64 per block): dQ = scale · Σ_j dS_ij k_j over key tiles of 32.
+template <int D>
+__device__ void attn_dq_mma(bf16* dq, const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                            const float* delta, QlrAttn a, bf16* Ks, bf16* Vs, bf16* Kt) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
+    const int q0 = blockIdx.x * 64;
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const long long qstride = (long long)a.H * D, kstride = (long long)a.Hkv * D;
+    const bf16* qb = q + ((long long)b * a.T * a.H + h) * D;
+    const bf16* ob = dout + ((long long)b * a.T * a.H + h) * D;
+    const bf16* kb = k + ((long long)b * a.T * a.Hkv + hk) * D;
+    const bf16* vb = v + ((long long)b * a.T * a.Hkv + hk) * D;
+    unsigned qa[D / 16][4], oa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const int c = kk * 16 + 2 * t;
+        qa[kk][0] = r0 < a.T ? *reinterpret_cast<const unsigned*>(qb + r0 * qstride + c) : 0u;
+        qa[kk][1] = r1 < a.T ? *reinterpret_cast<const unsigned*>(qb + r1 * qstride + c) : 0u;
+        qa[kk][2] = r0 < a.T ? *reinterpret_cast<const unsigned*>(qb + r0 * qstride + c + 8) : 0u;
+        qa[kk][3] = r1 < a.T ? *reinterpret_cast<const unsigned*>(qb + r1 * qstride + c + 8) : 0u;
+        oa[kk][0] = r0 < a.T ? *reinterpret_cast<const unsigned*>(ob + r0 * qstride + c) : 0u;
+        oa[kk][1] = r1 < a.T ? *reinterpret_cast<const unsigned*>(ob + r1 * qstride + c) : 0u;
+        oa[kk][2] = r0 < a.T ? *reinterpret_cast<const unsigned*>(ob + r0 * qstride + c + 8) : 0u;
+        oa[kk][3] = r1 < a.T ? *reinterpret_cast<const unsigned*>(ob + r1 * qstride + c + 8) : 0u;
+    }
+    const float L2E = 1.4426950408889634f, sl2 = a.scale * L2E;
+    const long long lrow = ((long long)b * a.H + h) * a.T;
+    const float l20 = r0 < a.T ? lse[lrow + r0] * L2E : 0.f, l21 = r1 < a.T ? lse[lrow + r1] * L2E : 0.f;
+    const float dl0 = r0 < a.T ? delta[lrow + r0] : 0.f, dl1 = r1 < a.T ? delta[lrow + r1] : 0.f;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    const int last = min(a.T - 1, q0 + 63);
+    for (int j0 = 0; j0 <= last; j0 += FB_BK) {
+        __syncthreads();
+        fa_tile<D>(Ks, FB_LD, Kt, FB_LDT, kb + j0 * kstride, kstride, FB_BK, a.T - j0);
+        fa_tile<D>(Vs, FB_LD, nullptr, 0, vb + j0 * kstride, kstride, FB_BK, a.T - j0);
+        __syncthreads();
+        float sc[4][4], dp[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                unsigned bk[2], bv[2];
+                fa_ld_b(bk, Ks + (nt * 8 + g) * FB_LD + kk * 16 + 2 * t);
+                fa_ld_b(bv, Vs + (nt * 8 + g) * FB_LD + kk * 16 + 2 * t);
+                mma_bf16_16816(sc[nt], qa[kk], bk);
+                mma_bf16_16816(dp[nt], oa[kk], bv);
+            }
+        }
+        // ds = p·(dp − delta), p = exp(s·scale − lse); masked (key > row, key ≥ T) → 0.
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = j0 + nt * 8 + 2 * t + (e & 1);
+                const int row = e < 2 ? r0 : r1;
+                const float p = (key <= row && key < a.T) ? exp2f(sc[nt][e] * sl2 - (e < 2 ? l20 : l21)) : 0.f;
+                sc[nt][e] = p * (dp[nt][e] - (e < 2 ? dl0 : dl1));
+            }
+#pragma unroll
+        for (int kt = 0; kt < FB_BK / 16; ++kt) {
+            unsigned da[4] = {fa_pack(sc[2 * kt][0], sc[2 * kt][1]), fa_pack(sc[2 * kt][2], sc[2 * kt][3]),
+                              fa_pack(sc[2 * kt + 1][0], sc[2 * kt + 1][1]), fa_pack(sc[2 * kt + 1][2], sc[2 * kt + 1][3])};
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn) {
+                unsigned bk[2];
+                fa_ld_b(bk, Kt + (dn * 8 + g) * FB_LDT + kt * 16 + 2 * t);
+                mma_bf16_16816(acc[dn], da, bk);
+            }
+        }
+    }
+    bf16* db = dq + ((long long)b * a.T * a.H + h) * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+        const int c = dn * 8 + 2 * t;
+        if (r0 < a.T) *reinterpret_cast<__nv_bfloat162*>(db + r0 * qstride + c) = __floats2bfloat162_rn(acc[dn][0] * a.scale, acc[dn][1] * a.scale);
+        if (r1 < a.T) *reinterpret_cast<__nv_bfloat162*>(db + r1 * qstride + c) = __floats2bfloat162_rn(acc[dn][2] * a.scale, acc[dn][3] * a.scale);
+    }
+}
+
+// dk, dv for 16 key rows per warp (64 per block), over the group's heads and query tiles of 32.
+// Dynamic shared memory: Kb, Vb [64][FB_LD]; Qs, Os [32][FB_LD]; Qt, Ot [D][FB_LDT]; Ls, Dl [32] f32.
+template <int D>
+__device__ void attn_dkv_mma(bf16* dk, bf16* dv, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                             const float* lse, const float* delta, QlrAttn a, unsigned char* smem) {
+    bf16* Kb = reinterpret_cast<bf16*>(smem);
+    bf16* Vb = Kb + 64 * FB_LD;
+    bf16* Qs = Vb + 64 * FB_LD;
+    bf16* Os = Qs + FB_BK * FB_LD;
+    bf16* Qt = Os + FB_BK * FB_LD;
+    bf16* Ot = Qt + ATT_DMAX * FB_LDT;
+    float* Ls = reinterpret_cast<float*>(Ot + ATT_DMAX * FB_LDT);
+    float* Dl = Ls + FB_BK;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / a.Hkv, hk = bh % a.Hkv, group = a.H / a.Hkv;
+    const int j0 = blockIdx.x * 64;
+    const int kr0 = j0 + warp * 16 + g, kr1 = kr0 + 8;  // the two key rows this thread holds
+    const long long qstride = (long long)a.H * D, kstride = (long long)a.Hkv * D;
+    const bf16* kb = k + ((long long)b * a.T * a.Hkv + hk) * D;
+    const bf16* vb = v + ((long long)b * a.T * a.Hkv + hk) * D;
+    fa_tile<D>(Kb, FB_LD, nullptr, 0, kb + j0 * kstride, kstride, 64, a.T - j0);
+    fa_tile<D>(Vb, FB_LD, nullptr, 0, vb + j0 * kstride, kstride, 64, a.T - j0);
+    const float L2E = 1.4426950408889634f, sl2 = a.scale * L2E;
+    float ak[D / 8][4], av[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) ak[i][0] = ak[i][1] = ak[i][2] = ak[i][3] = av[i][0] = av[i][1] = av[i][2] = av[i][3] = 0.f;
+    for (int gh = 0; gh < group; ++gh) {
+        const int h = hk * group + gh;
+        const bf16* qb = q + ((long long)b * a.T * a.H + h) * D;
+        const bf16* ob = dout + ((long long)b * a.T * a.H + h) * D;
+        const long long lrow = ((long long)b * a.H + h) * a.T;
+        for (int i0 = (j0 / FB_BK) * FB_BK; i0 < a.T; i0 += FB_BK) {
+            __syncthreads();
+            fa_tile<D>(Qs, FB_LD, Qt, FB_LDT, qb + i0 * qstride, qstride, FB_BK, a.T - i0);
+            fa_tile<D>(Os, FB_LD, Ot, FB_LDT, ob + i0 * qstride, qstride, FB_BK, a.T - i0);
+            if (threadIdx.x < FB_BK) {
+                const int i = i0 + threadIdx.x;
+                Ls[threadIdx.x] = i < a.T ? lse[lrow + i] * L2E : 0.f;
+                Dl[threadIdx.x] = i < a.T ? delta[lrow + i] : 0.f;
+            }
+            __syncthreads();
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for 16 keys × 32 queries.
+            float st[4][4], dp[4][4];
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                unsigned ka[4], va[4];
+                fa_ld_a(ka, Kb + (warp * 16 + g) * FB_LD + kk * 16 + 2 * t, FB_LD);
+                fa_ld_a(va, Vb + (warp * 16 + g) * FB_LD + kk * 16 + 2 * t, FB_LD);
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    unsigned bq[2], bo[2];
+                    fa_ld_b(bq, Qs + (nt * 8 + g) * FB_LD + kk * 16 + 2 * t);
+                    fa_ld_b(bo, Os + (nt * 8 + g) * FB_LD + kk * 16 + 2 * t);
+                    mma_bf16_16816(st[nt], ka, bq);
+                    mma_bf16_16816(dp[nt], va, bo);
+                }
+            }
+            // Pᵀ (in st) and dSᵀ (in dp): query ≥ key and query < T, else 0.
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qc = nt * 8 + 2 * t + (e & 1), qi = i0 + qc;
+                    const int key = e < 2 ? kr0 : kr1;
+                    const float p = (qi >= key && qi < a.T) ? exp2f(st[nt][e] * sl2 - Ls[qc]) : 0.f;
+                    st[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - Dl[qc]);
+                }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q (k = the 32 queries: two k16 steps).
+#pragma unroll
+            for (int kt = 0; kt < FB_BK / 16; ++kt) {
+                unsigned pa[4] = {fa_pack(st[2 * kt][0], st[2 * kt][1]), fa_pack(st[2 * kt][2], st[2 * kt][3]),
+                                  fa_pack(st[2 * kt + 1][0], st[2 * kt + 1][1]), fa_pack(st[2 * kt + 1][2], st[2 * kt + 1][3])};
+                unsigned sa[4] = {fa_pack(dp[2 * kt][0], dp[2 * kt][1]), fa_pack(dp[2 * kt][2], dp[2 * kt][3]),
+                                  fa_pack(dp[2 * kt + 1][0], dp[2 * kt + 1][1]), fa_pack(dp[2 * kt + 1][2], dp[2 * kt + 1][3])};
+#pragma unroll
+                for (int dn = 0; dn < D / 8; ++dn) {
+                    unsigned bo[2], bq[2];
+                    fa_ld_b(bo, Ot + (dn * 8 + g) * FB_LDT + kt * 16 + 2 * t);
+                    fa_ld_b(bq, Qt + (dn * 8 + g) * FB_LDT + kt * 16 + 2 * t);
+                    mma_bf16_16816(av[dn], pa, bo);
+                    mma_bf16_16816(ak[dn], sa, bq);
+                }
+            }
+        }
+    }
+    bf16* dkb = dk + ((long long)b * a.T * a.Hkv + hk) * D;
+    bf16* dvb = dv + ((long long)b * a.T * a.Hkv + hk) * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+        const int c = dn * 8 + 2 * t;
+        if (kr0 < a.T) {
+            *reinterpret_cast<__nv_bfloat162*>(dkb + kr0 * kstride + c) = __floats2bfloat162_rn(ak[dn][0] * a.scale, ak[dn][1] * a.scale);
+            *reinterpret_cast<__nv_bfloat162*>(dvb + kr0 * kstride + c) = __floats2bfloat162_rn(av[dn][0], av[dn][1]);
+        }
+        if (kr1 < a.T) {
+            *reinterpret_cast<__nv_bfloat162*>(dkb + kr1 * kstride + c) = __floats2bfloat162_rn(ak[dn][2] * a.scale, ak[dn][3] * a.scale);
+            *reinterpret_cast<__nv_bfloat162*>(dvb + kr1 * kstride + c) = __floats2bfloat162_rn(av[dn][2], av[dn][3]);
+        }
+    }
+}
+
+#define FA_DISPATCH(CALL)          \
+    switch (a.D) {                 \
+        case 16: CALL(16); break;  \
+        case 32: CALL(32); break;  \
+        case 48: CALL(48); break;  \
+        case 64: CALL(64); break;  \
+        case 80: CALL(80); break;  \
+        case 96: CALL(96); break;  \
+        case 112: CALL(112); break; \
+        case 128: CALL(128); break; \
+        default: break;            \
+    }
+
+extern "C" __global__ void __launch_bounds__(128) qlr_attention_bwd_dq_mma_bf16(bf16* dq, const bf16* q, const bf16* k,
+                                                                              const bf16* v, const bf16* dout,
+                                                                              const float* lse, const float* delta,
+                                                                              QlrAttn a) {
+    __shared__ __align__(16) bf16 Ks[FB_BK * FB_LD];
+    __shared__ __align__(16) bf16 Vs[FB_BK * FB_LD];
+    __shared__ __align__(16) bf16 Kt[ATT_DMAX * FB_LDT];
+#define DQ_CALL(DD) attn_dq_mma<DD>(dq, q, k, v, dout, lse, delta, a, Ks, Vs, Kt)
+    FA_DISPATCH(DQ_CALL)
+#undef DQ_CALL
+}
+
+extern "C" __global__ void __launch_bounds__(128) qlr_attention_bwd_dkv_mma_bf16(bf16* dk, bf16* dv, const bf16* q,
+                                                                               const bf16* k, const bf16* v,
+                                                                               const bf16* dout, const float* lse,
+                                                                               const float* delta, QlrAttn a) {
+    extern __shared__ __align__(16) unsigned char fa_dyn_smem[];
+#define DKV_CALL(DD) attn_dkv_mma<DD>(dk, dv, q, k, v, dout, lse, delta, a, fa_dyn_smem)
+    FA_DISPATCH(DKV_CALL)
+#undef DKV_CALL
 }

@@ -1195,7 +1195,12 @@ fn attention_case<T: Host>(d: &Device, a: attention::AttnDims, simt: bool) {
     );
     let mut delta = d.alloc::<f32>(a.b * a.h * a.t, "delta").unwrap();
     let o_view = o.view();
-    attention::bwd(
+    let run_bwd = if simt {
+        attention::bwd_simt::<T>
+    } else {
+        attention::bwd::<T>
+    };
+    run_bwd(
         d,
         &mut dq.view_mut(),
         &mut dk.view_mut(),
@@ -1257,6 +1262,8 @@ fn attention_case<T: Host>(d: &Device, a: attention::AttnDims, simt: bool) {
             }
         }
     }
+    // (The tensor-core backward also rounds P and dS to bf16 as mma operands: ≤ 2^-9 of
+    // Σ_j|ds_j·k_j| etc., inside the bwd atol below for these O(1) inputs.)
     // f32 online softmax over ≤ T keys with D-term dots: relative error ≲ (D + T)·u32 on O(1)
     // values; outputs stored in T. For bwd, the kernel's delta uses the o rounded to T, which
     // moves ds by ≲ U_T·|dO·o|: atol covers that with 4·U_T (inputs are O(1), |dO·o| ≲ √D).

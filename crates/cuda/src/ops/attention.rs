@@ -178,8 +178,13 @@ fn fwd_impl<T: Elem>(
     )
 }
 
+/// Dynamic shared memory of `qlr_attention_bwd_dkv_mma_bf16` (cuda/attention.cu): bf16 tiles
+/// Kb, Vb [64][136], Qs, Os [32][136], Qt, Ot [128][40], then lse and delta [32] f32.
+pub const DKV_MMA_SMEM: u32 =
+    ((2 * 64 * 136 + 2 * 32 * 136 + 2 * 128 * 40) * 2 + 2 * 32 * 4) as u32;
+
 /// Outputs `dq` (B,T,H,D), `dk`, `dv` (B,T,Hkv,D) T; scratch `delta` (B,H,T) f32; inputs `dout`,
-/// saved `o`, `lse`, and q, k, v.
+/// saved `o`, `lse`, and q, k, v. bf16 with D ∈ 16·{1..8} runs the tensor-core kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd<T: Elem>(
     dev: &Device,
@@ -195,6 +200,50 @@ pub fn bwd<T: Elem>(
     v: &View<'_, T>,
     a: AttnDims,
     stream: Option<&Stream>,
+) -> Result<()> {
+    bwd_impl(
+        dev, dq, dk, dv, delta, dout, o, lse, q, k, v, a, stream, true,
+    )
+}
+
+/// The SIMT backward for any dtype and D ≤ 128 (public so tests can check both paths).
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_simt<T: Elem>(
+    dev: &Device,
+    dq: &mut ViewMut<'_, T>,
+    dk: &mut ViewMut<'_, T>,
+    dv: &mut ViewMut<'_, T>,
+    delta: &mut ViewMut<'_, f32>,
+    dout: &View<'_, T>,
+    o: &View<'_, T>,
+    lse: &View<'_, f32>,
+    q: &View<'_, T>,
+    k: &View<'_, T>,
+    v: &View<'_, T>,
+    a: AttnDims,
+    stream: Option<&Stream>,
+) -> Result<()> {
+    bwd_impl(
+        dev, dq, dk, dv, delta, dout, o, lse, q, k, v, a, stream, false,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd_impl<T: Elem>(
+    dev: &Device,
+    dq: &mut ViewMut<'_, T>,
+    dk: &mut ViewMut<'_, T>,
+    dv: &mut ViewMut<'_, T>,
+    delta: &mut ViewMut<'_, f32>,
+    dout: &View<'_, T>,
+    o: &View<'_, T>,
+    lse: &View<'_, f32>,
+    q: &View<'_, T>,
+    k: &View<'_, T>,
+    v: &View<'_, T>,
+    a: AttnDims,
+    stream: Option<&Stream>,
+    allow_mma: bool,
 ) -> Result<()> {
     const OP: &str = "attention::bwd";
     check_float::<T>(OP)?;
@@ -219,6 +268,23 @@ pub fn bwd<T: Elem>(
         stream,
     )?;
     let dl = delta.as_view();
+    let mma = allow_mma && uses_mma(T::SUFFIX == "bf16", a.d);
+    if mma {
+        let ptrs = q.device_ptr()
+            | k.device_ptr()
+            | v.device_ptr()
+            | dout.device_ptr()
+            | dq.device_ptr()
+            | dk.device_ptr()
+            | dv.device_ptr();
+        if !ptrs.is_multiple_of(16) {
+            return Err(bad_arg(
+                OP,
+                "q/k/v/dout/dq/dk/dv",
+                "tensor-core path needs 16-byte aligned buffers",
+            ));
+        }
+    }
     let args = Args::new()
         .ptr_mut(dq)
         .ptr(q)
@@ -228,13 +294,23 @@ pub fn bwd<T: Elem>(
         .ptr(lse)
         .ptr(&dl)
         .arg(arg);
-    dev.launch(
-        FILE,
-        &entry::<T>("qlr_attention_bwd_dq"),
-        geometry_rows(a.t, a.b * a.h),
-        args,
-        stream,
-    )?;
+    if mma {
+        dev.launch(
+            FILE,
+            "qlr_attention_bwd_dq_mma_bf16",
+            geometry_mma(a.t, a.b * a.h),
+            args,
+            stream,
+        )?;
+    } else {
+        dev.launch(
+            FILE,
+            &entry::<T>("qlr_attention_bwd_dq"),
+            geometry_rows(a.t, a.b * a.h),
+            args,
+            stream,
+        )?;
+    }
     let args = Args::new()
         .ptr_mut(dk)
         .ptr_mut(dv)
@@ -245,13 +321,21 @@ pub fn bwd<T: Elem>(
         .ptr(lse)
         .ptr(&dl)
         .arg(arg);
-    dev.launch(
-        FILE,
-        &entry::<T>("qlr_attention_bwd_dkv"),
-        geometry_rows(a.t, a.b * a.hkv),
-        args,
-        stream,
-    )
+    if mma {
+        let geo = Geometry {
+            smem: DKV_MMA_SMEM,
+            ..geometry_mma(a.t, a.b * a.hkv)
+        };
+        dev.launch(FILE, "qlr_attention_bwd_dkv_mma_bf16", geo, args, stream)
+    } else {
+        dev.launch(
+            FILE,
+            &entry::<T>("qlr_attention_bwd_dkv"),
+            geometry_rows(a.t, a.b * a.hkv),
+            args,
+            stream,
+        )
+    }
 }
 
 /// Useful causal FLOPs of fwd (2 GEMMs over the lower triangle): 2·2·B·H·D·T(T+1)/2.
