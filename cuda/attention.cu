@@ -8,6 +8,10 @@
 // Layouts: q, o, dO, dq (B, T, H, D) T; k, v, dk, dv (B, T, Hkv, D) T; lse, delta (B, H, T) f32.
 // Query head h reads kv head h / (H / Hkv). scale = 1/√D. D ≤ 128 (any D: lane l owns dims
 // l, l+32, …). Saved for bwd: o and lse. f32 math throughout; one rounding per store.
+// Kernels: SIMT (any D ≤ 128, f32 and bf16) and tensor-core bf16 (*_mma_bf16, D ∈ 16·{1..8});
+// see the notes below the include. Reference: CpuBackend attention.
+#include "common.cuh"
+
 // Work split: one warp per query row (fwd, dq) or key row (dkv); 32 keys (queries) per tile,
 // lane ↔ key (query) for the scores, lane ↔ dims for the accumulators. dk/dv are written by the
 // single warp that owns the key row: no atomics, deterministic. These are SIMT kernels.
@@ -16,8 +20,7 @@
 // with f32 accumulation, P rounded to bf16 for the second product, online softmax in the
 // log2 domain); bwd_dq_mma / bwd_dkv_mma are the matching backward (dS and P rounded to bf16
 // as mma operands; dq per query block over key tiles, dk/dv per key block over query tiles
-// and the group's heads: no atomics, deterministic). Reference: CpuBackend attention.
-#include "common.cuh"
+// and the group's heads: no atomics, deterministic).
 
 #define ATT_DMAX 128
 #define ATT_WARPS 8

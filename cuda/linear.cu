@@ -12,10 +12,11 @@
 // dequantizes exactly as nf4.cu (f32 product, one rounding to bf16 for the mma path), so the
 // fused result equals dequantize + GEMM up to summation order.
 // Precision: bf16 uses mma.sync m16n8k16 (bf16 in, f32 accumulate); f32 uses f32 FMA (SIMT).
-// us/vs are stored in T (one rounding of the f32 dot product). lora_grad uses split-K with f32
-// atomics: results are not bitwise deterministic across runs (order of the partial sums).
-// Aliasing: out must not alias any input. Reference: qlora_cuda tests `linear_ref_f64`.
+// us/vs are stored in T. Aliasing: out must not alias any input. Reference: tests/gpu.rs run_linear.
 #include "common.cuh"
+
+// lora_grad uses split-K with f32 atomics: dA/dB are not bitwise deterministic across runs
+// (the order of the partial sums varies).
 
 struct QlrLinear {
     void* out;        // T (m, n_out)
