@@ -18,9 +18,19 @@ fn lora_all_linear() -> LoraConfig {
     }
 }
 
-fn bench(name: &str, model: &Model<CpuBackend>, b: usize, t: usize, steps: usize, checkpointing: bool) {
+fn bench(
+    name: &str,
+    model: &Model<CpuBackend>,
+    b: usize,
+    t: usize,
+    steps: usize,
+    checkpointing: bool,
+) {
     let be = CpuBackend::<f32>::new();
-    let w = AdapterWeights::init(&lora_all_linear(), &model.config, 0, |_| unreachable!("no modules_to_save")).unwrap();
+    let w = AdapterWeights::init(&lora_all_linear(), &model.config, 0, |_| {
+        unreachable!("no modules_to_save")
+    })
+    .unwrap();
     let mut adapter = Adapter::new(&be, &w);
     let v = model.config.vocab_size as u32;
     let ids: Vec<u32> = (0..b * t).map(|i| (i as u32 * 7919 + 13) % v).collect();
@@ -30,7 +40,10 @@ fn bench(name: &str, model: &Model<CpuBackend>, b: usize, t: usize, steps: usize
         ..Default::default()
     };
     for threads in [1usize, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| {
             forward_backward(&be, model, &mut adapter, &batch, opts).unwrap(); // warm-up
             let (t0, c0) = (Instant::now(), cpu_seconds());
@@ -52,14 +65,29 @@ fn bench(name: &str, model: &Model<CpuBackend>, b: usize, t: usize, steps: usize
 
 fn main() {
     let be = CpuBackend::<f32>::new();
-    let tiny_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+    let tiny_dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
     let tiny = Model::load(&be, &tiny_dir, BaseFormat::QLORA).unwrap();
     bench("tiny-llama/b4xt32/r8", &tiny, 4, 32, 50, false);
 
     let cfg = ModelConfig::synthetic_llama(1024, 2816, 4, 16, 16, 32000);
     let synth = Model::random(&be, cfg, 0, BaseFormat::QLORA).unwrap();
-    bench("synthetic-c1024-l4-v32000/b1xt256/r8", &synth, 1, 256, 5, false);
-    bench("synthetic-c1024-l4-v32000/b1xt256/r8", &synth, 1, 256, 5, true);
+    bench(
+        "synthetic-c1024-l4-v32000/b1xt256/r8",
+        &synth,
+        1,
+        256,
+        5,
+        false,
+    );
+    bench(
+        "synthetic-c1024-l4-v32000/b1xt256/r8",
+        &synth,
+        1,
+        256,
+        5,
+        true,
+    );
 }
 
 /// User+system CPU seconds of this process (Linux /proc; 0 elsewhere): on a loaded machine
@@ -68,7 +96,12 @@ fn cpu_seconds() -> f64 {
     let Ok(st) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };
-    let f: Vec<&str> = st.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let f: Vec<&str> = st
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let tick = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     (tick(11) + tick(12)) / 100.0
 }

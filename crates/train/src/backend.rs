@@ -92,14 +92,44 @@ pub trait Backend: Sync {
     fn add_acc(&self, dst: &mut Self::Buf, src: &Self::Buf);
 
     /// `out (N, C) = table[ids]`, `table (V, C)` at element offset `table_off`.
-    fn embedding_fwd(&self, out: &mut Self::Buf, ids: &[u32], table: &Self::Buf, table_off: usize, c: usize);
+    fn embedding_fwd(
+        &self,
+        out: &mut Self::Buf,
+        ids: &[u32],
+        table: &Self::Buf,
+        table_off: usize,
+        c: usize,
+    );
     /// `d_table[ids[i]] += d_out[i]` into `d_table` at element offset `off`.
-    fn embedding_bwd_acc(&self, d_table: &mut Self::Buf, off: usize, ids: &[u32], d_out: &Self::Buf, c: usize);
+    fn embedding_bwd_acc(
+        &self,
+        d_table: &mut Self::Buf,
+        off: usize,
+        ids: &[u32],
+        d_out: &Self::Buf,
+        c: usize,
+    );
 
     /// `out (N, C) = x · rstd · w`, `rstd (N,)` saved, `w (C,)`.
-    fn rmsnorm_fwd(&self, out: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, c: usize, eps: f64);
+    fn rmsnorm_fwd(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        c: usize,
+        eps: f64,
+    );
     /// `d_x (N, C)` (overwritten) from `d_out`, the saved `x` and `rstd`; the norm weight is frozen.
-    fn rmsnorm_bwd(&self, d_x: &mut Self::Buf, d_out: &Self::Buf, x: &Self::Buf, rstd: &Self::Buf, w: &Self::Buf, c: usize);
+    fn rmsnorm_bwd(
+        &self,
+        d_x: &mut Self::Buf,
+        d_out: &Self::Buf,
+        x: &Self::Buf,
+        rstd: &Self::Buf,
+        w: &Self::Buf,
+        c: usize,
+    );
 
     /// Rotate `x (B·T, heads·D)` in place; `table (P, D)`: per position, D/2 cos then D/2 sin.
     fn rope_fwd(&self, x: &mut Self::Buf, table: &Self::Buf, dims: RopeDims);
@@ -109,36 +139,111 @@ pub trait Backend: Sync {
     /// Elements of the attention save buffer for `dims`.
     fn attention_saved_len(&self, dims: AttnDims) -> usize;
     /// `out (B·Tq, H·D)`, `saved` (backend-defined, `attention_saved_len`).
-    fn attention_fwd(&self, out: &mut Self::Buf, saved: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, dims: AttnDims);
+    fn attention_fwd(
+        &self,
+        out: &mut Self::Buf,
+        saved: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        dims: AttnDims,
+    );
     /// `d_q (B·Tq, H·D)`, `d_k`, `d_v (B·kv_rows, Hkv·D)`, all overwritten.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, d_q: &mut Self::Buf, d_k: &mut Self::Buf, d_v: &mut Self::Buf, d_out: &Self::Buf, saved: &Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, dims: AttnDims);
+    fn attention_bwd(
+        &self,
+        d_q: &mut Self::Buf,
+        d_k: &mut Self::Buf,
+        d_v: &mut Self::Buf,
+        d_out: &Self::Buf,
+        saved: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        dims: AttnDims,
+    );
 
     /// `out = silu(gate) ⊙ up`, all `(N, I)`.
     fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf);
     /// `d_gate`, `d_up` (overwritten) from `d_out` and the saved `gate`, `up`.
-    fn swiglu_bwd(&self, d_gate: &mut Self::Buf, d_up: &mut Self::Buf, d_out: &Self::Buf, gate: &Self::Buf, up: &Self::Buf);
+    fn swiglu_bwd(
+        &self,
+        d_gate: &mut Self::Buf,
+        d_up: &mut Self::Buf,
+        d_out: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    );
 
     /// `y (N, out) = x·deq(W)ᵀ + bias + S·(drop(x)·Aᵀ)·Bᵀ`; `u (N, R)` = drop(x)·Aᵀ saved for bwd
     /// (pass `None` for inference). `params` is the adapter arena.
     #[allow(clippy::too_many_arguments)]
-    fn nf4_lora_linear_fwd(&self, y: &mut Self::Buf, u: Option<&mut Self::Buf>, x: &Self::Buf, w: &Self::Frozen, bias: Option<&Self::Buf>, lora: Option<(&Self::Buf, LoraArgs<'_>)>, dims: LinearDims);
+    fn nf4_lora_linear_fwd(
+        &self,
+        y: &mut Self::Buf,
+        u: Option<&mut Self::Buf>,
+        x: &Self::Buf,
+        w: &Self::Frozen,
+        bias: Option<&Self::Buf>,
+        lora: Option<(&Self::Buf, LoraArgs<'_>)>,
+        dims: LinearDims,
+    );
     /// `d_x (N, in)` = (or += when `acc_dx`) `d_y·deq(W) + S·((d_y·B)·A) ⊙ mask`;
     /// `grads` (adapter gradient arena): `dB += S·d_yᵀ·u`, `dA += S·(d_y·B)ᵀ·drop(x)`.
     #[allow(clippy::too_many_arguments)]
-    fn nf4_lora_linear_bwd(&self, d_x: Option<&mut Self::Buf>, acc_dx: bool, grads: Option<&mut Self::Buf>, d_y: &Self::Buf, x: &Self::Buf, u: Option<&Self::Buf>, w: &Self::Frozen, lora: Option<(&Self::Buf, LoraArgs<'_>)>, dims: LinearDims);
+    fn nf4_lora_linear_bwd(
+        &self,
+        d_x: Option<&mut Self::Buf>,
+        acc_dx: bool,
+        grads: Option<&mut Self::Buf>,
+        d_y: &Self::Buf,
+        x: &Self::Buf,
+        u: Option<&Self::Buf>,
+        w: &Self::Frozen,
+        lora: Option<(&Self::Buf, LoraArgs<'_>)>,
+        dims: LinearDims,
+    );
 
     /// A trainable dense linear (modules_to_save `lm_head`): `y (N, out) = x·Wᵀ`, W `(out, in)`
     /// at element offset `w_off` of the adapter arena `params`.
-    fn dense_linear_fwd(&self, y: &mut Self::Buf, x: &Self::Buf, params: &Self::Buf, w_off: usize, dims: LinearDims);
+    fn dense_linear_fwd(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        w_off: usize,
+        dims: LinearDims,
+    );
     /// `d_x = d_y·W` (overwritten), `dW += d_yᵀ·x` into `grads` at `w_off`.
     #[allow(clippy::too_many_arguments)]
-    fn dense_linear_bwd(&self, d_x: &mut Self::Buf, grads: &mut Self::Buf, d_y: &Self::Buf, x: &Self::Buf, params: &Self::Buf, w_off: usize, dims: LinearDims);
+    fn dense_linear_bwd(
+        &self,
+        d_x: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        d_y: &Self::Buf,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        w_off: usize,
+        dims: LinearDims,
+    );
 
     /// Per-row cross entropy of `logits (N, V)` against `targets (N,)` (-100 = ignored):
     /// `lse (N,)` saved; returns (Σ loss over non-ignored rows in f64, count).
-    fn cross_entropy_fwd(&self, lse: &mut Self::Buf, logits: &Self::Buf, targets: &[i32], v: usize) -> (f64, usize);
+    fn cross_entropy_fwd(
+        &self,
+        lse: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &[i32],
+        v: usize,
+    ) -> (f64, usize);
     /// `d_logits (N, V) = scale·(softmax(logits) − onehot(target))`, zero on ignored rows;
     /// written in place over `logits` (the logits are dead after this).
-    fn cross_entropy_bwd(&self, logits_to_d: &mut Self::Buf, lse: &Self::Buf, targets: &[i32], v: usize, scale: f64);
+    fn cross_entropy_bwd(
+        &self,
+        logits_to_d: &mut Self::Buf,
+        lse: &Self::Buf,
+        targets: &[i32],
+        v: usize,
+        scale: f64,
+    );
 }

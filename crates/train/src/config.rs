@@ -85,7 +85,9 @@ fn req_usize(p: &Path, o: &Map<String, Value>, key: &str) -> Result<usize> {
             .as_u64()
             .filter(|&n| n > 0)
             .map(|n| n as usize)
-            .ok_or_else(|| TrainError::config(p, key, format!("expected a positive integer, got {v}"))),
+            .ok_or_else(|| {
+                TrainError::config(p, key, format!("expected a positive integer, got {v}"))
+            }),
     }
 }
 
@@ -227,7 +229,11 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(TrainError::config(p, "head_dim", format!("{head_dim} is odd; rope needs even")));
+            return Err(TrainError::config(
+                p,
+                "head_dim",
+                format!("{head_dim} is odd; rope needs even"),
+            ));
         }
 
         // Rope: transformers 5 `rope_parameters`, else transformers 4 `rope_theta`+`rope_scaling`.
@@ -288,9 +294,7 @@ impl ModelConfig {
                     other => {
                         return Err(TrainError::unsupported(
                             p,
-                            format!(
-                                "rope_type \"{other}\" (implemented: default, linear, llama3)"
-                            ),
+                            format!("rope_type \"{other}\" (implemented: default, linear, llama3)"),
                         ))
                     }
                 }
@@ -310,10 +314,14 @@ impl ModelConfig {
         let bnb_4bit = match get(o, "quantization_config") {
             None => false,
             Some(Value::Object(q)) => {
-                let method = get(q, "quant_method").and_then(|v| v.as_str()).unwrap_or("");
+                let method = get(q, "quant_method")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
                 let four = opt_bool(p, q, "load_in_4bit")?.unwrap_or(false)
                     || opt_bool(p, q, "_load_in_4bit")?.unwrap_or(false);
-                let qt = get(q, "bnb_4bit_quant_type").and_then(|v| v.as_str()).unwrap_or("fp4");
+                let qt = get(q, "bnb_4bit_quant_type")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("fp4");
                 if method != "bitsandbytes" || !four || qt != "nf4" {
                     return Err(TrainError::unsupported(
                         p,
@@ -417,7 +425,7 @@ impl ModelConfig {
                     .map(|&f| {
                         let wl = 2.0 * std::f64::consts::PI / f;
                         let scaled = if wl > low_wl { f / factor } else { f };
-                        let medium = !(wl < high_wl) && !(wl > low_wl);
+                        let medium = wl >= high_wl && wl <= low_wl;
                         if medium {
                             let smooth =
                                 (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);

@@ -35,9 +35,12 @@ pub fn read_eval_jsonl(path: &Path) -> Result<Vec<EvalRecord>> {
         if l.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(l).map_err(|e| err(i + 1, format!("invalid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(l).map_err(|e| err(i + 1, format!("invalid JSON: {e}")))?;
         if let Some(t) = v.get("text") {
-            let t = t.as_str().ok_or_else(|| err(i + 1, "\"text\" is not a string".into()))?;
+            let t = t
+                .as_str()
+                .ok_or_else(|| err(i + 1, "\"text\" is not a string".into()))?;
             out.push(EvalRecord::Text(t.to_string()));
         } else if let Some(ids) = v.get("input_ids") {
             let ids = ids
@@ -53,7 +56,10 @@ pub fn read_eval_jsonl(path: &Path) -> Result<Vec<EvalRecord>> {
                 .collect::<Result<Vec<u32>>>()?;
             out.push(EvalRecord::Ids(ids));
         } else {
-            return Err(err(i + 1, "record has neither \"text\" nor \"input_ids\"".into()));
+            return Err(err(
+                i + 1,
+                "record has neither \"text\" nor \"input_ids\"".into(),
+            ));
         }
     }
     if out.is_empty() {
@@ -73,7 +79,10 @@ pub fn load_tokenizer(model_dir: &Path) -> Result<tokenizers::Tokenizer> {
 
 /// Records → token ids (texts through `tokenizer` with its special tokens, as transformers'
 /// `tokenizer(text)` does). `tokenizer` may be None when every record is pre-tokenized.
-pub fn tokenize_records(records: &[EvalRecord], tokenizer: Option<&tokenizers::Tokenizer>) -> Result<Vec<Vec<u32>>> {
+pub fn tokenize_records(
+    records: &[EvalRecord],
+    tokenizer: Option<&tokenizers::Tokenizer>,
+) -> Result<Vec<Vec<u32>>> {
     records
         .iter()
         .enumerate()
@@ -155,10 +164,12 @@ pub fn evaluate<B: Backend>(
     }
     let v = model.config.vocab_size;
     let global_t = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
-    let mut dump: Option<(Vec<i64>, Vec<f32>)> = opts
-        .dump_logits
-        .as_ref()
-        .map(|_| (Vec::with_capacity(seqs.len() * global_t), Vec::with_capacity(seqs.len() * global_t * v)));
+    let mut dump: Option<(Vec<i64>, Vec<f32>)> = opts.dump_logits.as_ref().map(|_| {
+        (
+            Vec::with_capacity(seqs.len() * global_t),
+            Vec::with_capacity(seqs.len() * global_t * v),
+        )
+    });
     let (mut sum, mut tokens) = (0f64, 0usize);
     for chunk in seqs.chunks(opts.batch_size.max(1)) {
         // Dumps need one common T; otherwise pad only to this chunk's longest.

@@ -36,8 +36,17 @@ pub use backend::{AttnDims, Backend, Dropout, FrozenWeight, LinearDims, LoraArgs
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use cpu::{CpuBackend, CpuFrozen};
 pub use error::{Result, TrainError};
-pub use lora::{AdapterLayout, AdapterWeights, LoraConfig, LoraInit, LoraSlot, ParamReport, Proj, SavedModule, TargetModules};
+pub use eval::{
+    evaluate, load_tokenizer, read_eval_jsonl, tokenize_records, EvalOptions, EvalRecord,
+    EvalReport,
+};
+pub use lora::{
+    AdapterLayout, AdapterWeights, LoraConfig, LoraInit, LoraSlot, ParamReport, Proj, SavedModule,
+    TargetModules,
+};
 pub use model::{BaseFormat, Layer, Linear, Model};
-pub use schedule::{forward_backward, forward_hidden, forward_logits, forward_loss, Adapter, Batch, KvCache, LossScale, LossStats, StepOptions};
+pub use schedule::{
+    forward_backward, forward_hidden, forward_logits, forward_loss, Adapter, Batch, KvCache,
+    LossScale, LossStats, StepOptions,
+};
 pub use weights::{MapSource, WeightSource};
-pub use eval::{evaluate, load_tokenizer, read_eval_jsonl, tokenize_records, EvalOptions, EvalRecord, EvalReport};

@@ -178,7 +178,11 @@ fn pattern_lookup<'a, T>(pats: &'a [(String, T)], key: &str) -> Result<Option<&'
     }
     for (p, v) in pats {
         let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{p})$")).map_err(|e| {
-            TrainError::config("adapter_config.json", "rank_pattern/alpha_pattern", format!("regex `{p}`: {e}"))
+            TrainError::config(
+                "adapter_config.json",
+                "rank_pattern/alpha_pattern",
+                format!("regex `{p}`: {e}"),
+            )
         })?;
         if re.is_match(key) {
             return Ok(Some(v));
@@ -195,11 +199,15 @@ impl LoraConfig {
             TargetModules::AllLinear => true,
             TargetModules::Regex(re) => regex::Regex::new(&format!("^(?:{re})$"))
                 .map_err(|e| {
-                    TrainError::config("adapter_config.json", "target_modules", format!("regex `{re}`: {e}"))
+                    TrainError::config(
+                        "adapter_config.json",
+                        "target_modules",
+                        format!("regex `{re}`: {e}"),
+                    )
                 })?
                 .is_match(&key),
             TargetModules::List(list) => {
-                if list.iter().any(|t| *t == key) {
+                if list.contains(&key) {
                     true
                 } else {
                     let found = list.iter().any(|t| key.ends_with(&format!(".{t}")));
@@ -215,7 +223,9 @@ impl LoraConfig {
     /// `(r, alpha)` for one module after `rank_pattern` / `alpha_pattern`.
     pub fn rank_alpha(&self, layer: usize, proj: Proj) -> Result<(usize, f64)> {
         let key = proj.module_path(layer);
-        let r = pattern_lookup(&self.rank_pattern, &key)?.copied().unwrap_or(self.r);
+        let r = pattern_lookup(&self.rank_pattern, &key)?
+            .copied()
+            .unwrap_or(self.r);
         let a = pattern_lookup(&self.alpha_pattern, &key)?
             .copied()
             .unwrap_or(self.lora_alpha);
@@ -236,10 +246,18 @@ impl LoraConfig {
             return Err(TrainError::config(path, "r", "must be > 0"));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(TrainError::config(path, "lora_dropout", format!("{} not in [0, 1)", self.lora_dropout)));
+            return Err(TrainError::config(
+                path,
+                "lora_dropout",
+                format!("{} not in [0, 1)", self.lora_dropout),
+            ));
         }
         if let Some((p, _)) = self.rank_pattern.iter().find(|(_, r)| *r == 0) {
-            return Err(TrainError::config(path, "rank_pattern", format!("`{p}`: rank 0")));
+            return Err(TrainError::config(
+                path,
+                "rank_pattern",
+                format!("`{p}`: rank 0"),
+            ));
         }
         Ok(())
     }
@@ -257,11 +275,20 @@ impl LoraConfig {
         let g = |k: &str| o.get(k).filter(|v| !v.is_null());
         if let Some(pt) = g("peft_type") {
             if pt.as_str() != Some("LORA") {
-                return Err(TrainError::unsupported(path, format!("peft_type {pt} (only LORA)")));
+                return Err(TrainError::unsupported(
+                    path,
+                    format!("peft_type {pt} (only LORA)"),
+                ));
             }
         }
         // Variants that change the math: refuse instead of silently computing plain LoRA.
-        for key in ["use_dora", "lora_bias", "use_qalora", "fan_in_fan_out", "use_bdlora"] {
+        for key in [
+            "use_dora",
+            "lora_bias",
+            "use_qalora",
+            "fan_in_fan_out",
+            "use_bdlora",
+        ] {
             if let Some(b) = g(key) {
                 if b.as_bool() != Some(false) {
                     return Err(TrainError::unsupported(path, format!("`{key}: {b}`")));
@@ -293,23 +320,39 @@ impl LoraConfig {
         }
         if let Some(b) = g("bias") {
             if b.as_str() != Some("none") {
-                return Err(TrainError::unsupported(path, format!("`bias: {b}` (only \"none\")")));
+                return Err(TrainError::unsupported(
+                    path,
+                    format!("`bias: {b}` (only \"none\")"),
+                ));
             }
         }
         if let Some(lp) = g("layers_pattern") {
             let ok = lp.as_str() == Some("layers")
-                || lp.as_array().is_some_and(|a| a.len() == 1 && a[0].as_str() == Some("layers"));
+                || lp
+                    .as_array()
+                    .is_some_and(|a| a.len() == 1 && a[0].as_str() == Some("layers"));
             if !ok {
-                return Err(TrainError::unsupported(path, format!("`layers_pattern: {lp}` (only \"layers\")")));
+                return Err(TrainError::unsupported(
+                    path,
+                    format!("`layers_pattern: {lp}` (only \"layers\")"),
+                ));
             }
         }
         let r = g("r")
-            .ok_or_else(|| TrainError::config(path, "r", "required (PEFT would silently default to 8)"))?
+            .ok_or_else(|| {
+                TrainError::config(path, "r", "required (PEFT would silently default to 8)")
+            })?
             .as_u64()
             .ok_or_else(|| TrainError::config(path, "r", "expected a positive integer"))?
             as usize;
         let lora_alpha = g("lora_alpha")
-            .ok_or_else(|| TrainError::config(path, "lora_alpha", "required (PEFT would silently default to 8)"))?
+            .ok_or_else(|| {
+                TrainError::config(
+                    path,
+                    "lora_alpha",
+                    "required (PEFT would silently default to 8)",
+                )
+            })?
             .as_f64()
             .ok_or_else(|| TrainError::config(path, "lora_alpha", "expected a number"))?;
         let target_modules = match g("target_modules") {
@@ -320,13 +363,21 @@ impl LoraConfig {
                 a.iter()
                     .map(|x| {
                         x.as_str().map(str::to_string).ok_or_else(|| {
-                            TrainError::config(path, "target_modules", format!("entry {x} is not a string"))
+                            TrainError::config(
+                                path,
+                                "target_modules",
+                                format!("entry {x} is not a string"),
+                            )
                         })
                     })
                     .collect::<Result<_>>()?,
             ),
             Some(x) => {
-                return Err(TrainError::config(path, "target_modules", format!("expected a list or string, got {x}")))
+                return Err(TrainError::config(
+                    path,
+                    "target_modules",
+                    format!("expected a list or string, got {x}"),
+                ))
             }
         };
         let lora_dropout = match g("lora_dropout") {
@@ -343,20 +394,29 @@ impl LoraConfig {
         };
         let layers_to_transform = match g("layers_to_transform") {
             None => None,
-            Some(Value::Number(n)) => Some(vec![n
-                .as_u64()
-                .ok_or_else(|| TrainError::config(path, "layers_to_transform", "expected a layer index"))?
-                as usize]),
+            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| {
+                TrainError::config(path, "layers_to_transform", "expected a layer index")
+            })? as usize]),
             Some(Value::Array(a)) => Some(
                 a.iter()
                     .map(|x| {
                         x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                            TrainError::config(path, "layers_to_transform", format!("entry {x} is not an index"))
+                            TrainError::config(
+                                path,
+                                "layers_to_transform",
+                                format!("entry {x} is not an index"),
+                            )
                         })
                     })
                     .collect::<Result<_>>()?,
             ),
-            Some(x) => return Err(TrainError::config(path, "layers_to_transform", format!("got {x}"))),
+            Some(x) => {
+                return Err(TrainError::config(
+                    path,
+                    "layers_to_transform",
+                    format!("got {x}"),
+                ))
+            }
         };
         let pattern = |key: &str| -> Result<Vec<(String, f64)>> {
             match g(key) {
@@ -364,12 +424,16 @@ impl LoraConfig {
                 Some(Value::Object(m)) => m
                     .iter()
                     .map(|(k, v)| {
-                        v.as_f64()
-                            .map(|x| (k.clone(), x))
-                            .ok_or_else(|| TrainError::config(path, key, format!("`{k}`: {v} is not a number")))
+                        v.as_f64().map(|x| (k.clone(), x)).ok_or_else(|| {
+                            TrainError::config(path, key, format!("`{k}`: {v} is not a number"))
+                        })
                     })
                     .collect(),
-                Some(x) => Err(TrainError::config(path, key, format!("expected an object, got {x}"))),
+                Some(x) => Err(TrainError::config(
+                    path,
+                    key,
+                    format!("expected an object, got {x}"),
+                )),
             }
         };
         let rank_pattern = pattern("rank_pattern")?
@@ -378,7 +442,11 @@ impl LoraConfig {
                 if r >= 1.0 && r.fract() == 0.0 {
                     Ok((k, r as usize))
                 } else {
-                    Err(TrainError::config(path, "rank_pattern", format!("`{k}`: {r} is not a rank")))
+                    Err(TrainError::config(
+                        path,
+                        "rank_pattern",
+                        format!("`{k}`: {r} is not a rank"),
+                    ))
                 }
             })
             .collect::<Result<_>>()?;
@@ -408,7 +476,13 @@ impl LoraConfig {
                     )),
                 })
                 .collect::<Result<_>>()?,
-            Some(x) => return Err(TrainError::config(path, "modules_to_save", format!("expected a list, got {x}"))),
+            Some(x) => {
+                return Err(TrainError::config(
+                    path,
+                    "modules_to_save",
+                    format!("expected a list, got {x}"),
+                ))
+            }
         };
         let cfg = LoraConfig {
             r,
@@ -421,7 +495,9 @@ impl LoraConfig {
             alpha_pattern,
             init,
             modules_to_save,
-            base_model_name_or_path: g("base_model_name_or_path").and_then(|v| v.as_str()).map(str::to_string),
+            base_model_name_or_path: g("base_model_name_or_path")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
         };
         cfg.check(path)?;
         Ok(cfg)
@@ -430,7 +506,9 @@ impl LoraConfig {
     /// `adapter_config.json` as PEFT writes it (only keys PEFT ≥ 0.8 knows).
     pub fn to_json(&self) -> Value {
         let targets = match &self.target_modules {
-            TargetModules::AllLinear => json!(Proj::ALL.iter().map(|p| p.name()).collect::<Vec<_>>()),
+            TargetModules::AllLinear => {
+                json!(Proj::ALL.iter().map(|p| p.name()).collect::<Vec<_>>())
+            }
             TargetModules::List(l) => json!(l),
             TargetModules::Regex(s) => json!(s),
         };
@@ -458,7 +536,11 @@ impl LoraConfig {
         let mts = if self.modules_to_save.is_empty() {
             Value::Null
         } else {
-            json!(self.modules_to_save.iter().map(|m| m.name()).collect::<Vec<_>>())
+            json!(self
+                .modules_to_save
+                .iter()
+                .map(|m| m.name())
+                .collect::<Vec<_>>())
         };
         json!({
             "alpha_pattern": ap,
@@ -503,7 +585,9 @@ impl LoraSlot {
     pub fn peft_key(&self, b: bool) -> String {
         format!(
             "base_model.{}.lora_{}.weight",
-            self.proj.module_path(self.layer).replacen("model.", "model.model.", 1),
+            self.proj
+                .module_path(self.layer)
+                .replacen("model.", "model.model.", 1),
             if b { "B" } else { "A" }
         )
     }
@@ -631,7 +715,11 @@ impl AdapterLayout {
             v.push((s.peft_key(true), vec![s.out_features, s.r], s.b_range()));
         }
         for s in &self.saved {
-            v.push((s.module.peft_key().to_string(), vec![s.rows, s.cols], s.range()));
+            v.push((
+                s.module.peft_key().to_string(),
+                vec![s.rows, s.cols],
+                s.range(),
+            ));
         }
         v
     }
@@ -836,7 +924,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -20,7 +20,10 @@ pub enum BaseFormat {
     Dense,
     /// Quantized to NF4 on load (bitsandbytes' rules, `qlora_nf4`): QLoRA. A bitsandbytes
     /// 4-bit checkpoint is always loaded as stored, whatever is asked here.
-    Nf4 { blocksize: usize, double_quant: bool },
+    Nf4 {
+        blocksize: usize,
+        double_quant: bool,
+    },
 }
 
 impl BaseFormat {
@@ -86,7 +89,12 @@ impl<B: Backend> Model<B> {
     }
 
     /// Build from any weight source (checks every shape against the config).
-    pub fn from_source(be: &B, config: ModelConfig, src: &dyn WeightSource, format: BaseFormat) -> Result<Model<B>> {
+    pub fn from_source(
+        be: &B,
+        config: ModelConfig,
+        src: &dyn WeightSource,
+        format: BaseFormat,
+    ) -> Result<Model<B>> {
         let c = config.hidden_size;
         let v = config.vocab_size;
         let vec1 = |name: &str, n: usize| -> Result<B::Buf> {
@@ -95,7 +103,10 @@ impl<B: Backend> Model<B> {
         };
         check_shape(src, "model.embed_tokens.weight", &[v, c])?;
         let embed_host = src.get_f32("model.embed_tokens.weight")?;
-        if config.bnb_4bit && !(0..config.num_layers).any(|l| src.is_nf4(&format!("{}.weight", Proj::Q.module_path(l)))) {
+        if config.bnb_4bit
+            && !(0..config.num_layers)
+                .any(|l| src.is_nf4(&format!("{}.weight", Proj::Q.module_path(l))))
+        {
             return Err(TrainError::tensor(
                 src.origin(),
                 "model.layers.*.weight",
@@ -155,7 +166,10 @@ impl<B: Backend> Model<B> {
             }
             layers.push(Layer {
                 attn_norm: vec1(&format!("model.layers.{l}.input_layernorm.weight"), c)?,
-                mlp_norm: vec1(&format!("model.layers.{l}.post_attention_layernorm.weight"), c)?,
+                mlp_norm: vec1(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    c,
+                )?,
                 proj,
             });
         }
@@ -207,8 +221,18 @@ pub fn random_source(config: &ModelConfig, seed: u64) -> Result<MapSource> {
     put("lm_head.weight".into(), vec![v, c], b, false);
     put("model.norm.weight".into(), vec![c], 0.0, true);
     for l in 0..config.num_layers {
-        put(format!("model.layers.{l}.input_layernorm.weight"), vec![c], 0.0, true);
-        put(format!("model.layers.{l}.post_attention_layernorm.weight"), vec![c], 0.0, true);
+        put(
+            format!("model.layers.{l}.input_layernorm.weight"),
+            vec![c],
+            0.0,
+            true,
+        );
+        put(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            vec![c],
+            0.0,
+            true,
+        );
         for p in Proj::ALL {
             let (i, o) = p.dims(config);
             put(format!("{}.weight", p.module_path(l)), vec![o, i], b, false);

@@ -43,7 +43,12 @@ impl<B: Backend> Adapter<B> {
     pub fn zero_grads(&mut self, be: &B) {
         be.zero(&mut self.grads);
     }
-    fn lora(&self, layer: usize, p: Proj, dropout: Option<Dropout>) -> Option<(&B::Buf, LoraArgs<'_>)> {
+    fn lora(
+        &self,
+        layer: usize,
+        p: Proj,
+        dropout: Option<Dropout>,
+    ) -> Option<(&B::Buf, LoraArgs<'_>)> {
         self.layout
             .slot(layer, p)
             .map(|slot| (&self.params, LoraArgs { slot, dropout }))
@@ -70,7 +75,12 @@ impl Batch {
                 labels.len()
             )));
         }
-        Ok(Batch { input_ids, labels, b, t })
+        Ok(Batch {
+            input_ids,
+            labels,
+            b,
+            t,
+        })
     }
     /// Causal-LM batch with `labels = input_ids`.
     pub fn causal_lm(input_ids: Vec<u32>, b: usize, t: usize) -> Result<Batch> {
@@ -89,7 +99,10 @@ impl Batch {
     }
     /// Tokens that carry loss (non-ignored shifted targets).
     pub fn label_tokens(&self) -> usize {
-        self.shifted_targets().iter().filter(|&&t| t != IGNORE_INDEX).count()
+        self.shifted_targets()
+            .iter()
+            .filter(|&&t| t != IGNORE_INDEX)
+            .count()
     }
 }
 
@@ -211,7 +224,13 @@ struct Dims {
     rope_k: RopeDims,
 }
 
-fn dims_of(cfg: &crate::config::ModelConfig, b: usize, t: usize, pos_offset: usize, kv_rows: usize) -> Dims {
+fn dims_of(
+    cfg: &crate::config::ModelConfig,
+    b: usize,
+    t: usize,
+    pos_offset: usize,
+    kv_rows: usize,
+) -> Dims {
     let (h, hkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let rope = |heads| RopeDims {
         b,
@@ -303,12 +322,27 @@ impl<B: Backend> Ctx<'_, B> {
     }
 
     /// `y = proj(x)` saving `u` into `s.u[p]` when the projection has LoRA.
-    fn linear_fwd(&self, layer: usize, p: Proj, y: &mut B::Buf, u: &mut B::Buf, x: &B::Buf, save: bool) {
+    fn linear_fwd(
+        &self,
+        layer: usize,
+        p: Proj,
+        y: &mut B::Buf,
+        u: &mut B::Buf,
+        x: &B::Buf,
+        save: bool,
+    ) {
         let l = &self.model.layers[layer].proj[p.index()];
         let lora = self.lora(layer, p);
         let u = (save && lora.is_some()).then_some(u);
-        self.be
-            .nf4_lora_linear_fwd(y, u, x, &l.w, l.bias.as_ref(), lora, self.lin_dims(layer, p));
+        self.be.nf4_lora_linear_fwd(
+            y,
+            u,
+            x,
+            &l.w,
+            l.bias.as_ref(),
+            lora,
+            self.lin_dims(layer, p),
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -342,7 +376,15 @@ impl<B: Backend> Ctx<'_, B> {
     /// One decoder layer forward: `h (N, C)` in = layer input, out = layer output.
     /// With `kv` (generation), this step's k/v are appended to the cache and attention reads
     /// the cache. `tmp (N, C)` scratch.
-    fn layer_fwd(&self, layer: usize, h: &mut B::Buf, s: &mut LayerSaved<B>, tmp: &mut B::Buf, save: bool, kv: Option<(&mut B::Buf, &mut B::Buf, usize)>) {
+    fn layer_fwd(
+        &self,
+        layer: usize,
+        h: &mut B::Buf,
+        s: &mut LayerSaved<B>,
+        tmp: &mut B::Buf,
+        save: bool,
+        kv: Option<(&mut B::Buf, &mut B::Buf, usize)>,
+    ) {
         let (be, dm) = (self.be, &self.dm);
         let lw = &self.model.layers[layer];
         let eps = self.model.config.rms_norm_eps;
@@ -384,26 +426,120 @@ impl<B: Backend> Ctx<'_, B> {
     }
 
     /// One decoder layer backward: `d_h (N, C)` in = d(layer output), out = d(layer input).
-    fn layer_bwd(&self, layer: usize, d_h: &mut B::Buf, s: &LayerSaved<B>, sc: &mut Scratch<B>, grads: &mut B::Buf) {
+    fn layer_bwd(
+        &self,
+        layer: usize,
+        d_h: &mut B::Buf,
+        s: &LayerSaved<B>,
+        sc: &mut Scratch<B>,
+        grads: &mut B::Buf,
+    ) {
         let (be, dm) = (self.be, &self.dm);
         let lw = &self.model.layers[layer];
         let u = |p: Proj| &s.u[p.index()];
         // MLP: h_out = h_mid + down(silu(e)·g)
-        self.linear_bwd(layer, Proj::Down, &mut sc.d_a, false, grads, d_h, &s.a, u(Proj::Down));
+        self.linear_bwd(
+            layer,
+            Proj::Down,
+            &mut sc.d_a,
+            false,
+            grads,
+            d_h,
+            &s.a,
+            u(Proj::Down),
+        );
         be.swiglu_bwd(&mut sc.d_e, &mut sc.d_g, &sc.d_a, &s.e, &s.g);
-        self.linear_bwd(layer, Proj::Gate, &mut sc.d_xn, false, grads, &sc.d_e, &s.xn2, u(Proj::Gate));
-        self.linear_bwd(layer, Proj::Up, &mut sc.d_xn, true, grads, &sc.d_g, &s.xn2, u(Proj::Up));
-        be.rmsnorm_bwd(&mut sc.tmp, &sc.d_xn, &s.h_mid, &s.rstd2, &lw.mlp_norm, dm.c);
+        self.linear_bwd(
+            layer,
+            Proj::Gate,
+            &mut sc.d_xn,
+            false,
+            grads,
+            &sc.d_e,
+            &s.xn2,
+            u(Proj::Gate),
+        );
+        self.linear_bwd(
+            layer,
+            Proj::Up,
+            &mut sc.d_xn,
+            true,
+            grads,
+            &sc.d_g,
+            &s.xn2,
+            u(Proj::Up),
+        );
+        be.rmsnorm_bwd(
+            &mut sc.tmp,
+            &sc.d_xn,
+            &s.h_mid,
+            &s.rstd2,
+            &lw.mlp_norm,
+            dm.c,
+        );
         be.add_acc(d_h, &sc.tmp); // d_h = d(h_mid)
-        // attention: h_mid = x_in + o_proj(attn(rope(q), rope(k), v))
-        self.linear_bwd(layer, Proj::O, &mut sc.d_o, false, grads, d_h, &s.o, u(Proj::O));
-        be.attention_bwd(&mut sc.d_q, &mut sc.d_k, &mut sc.d_v, &sc.d_o, &s.att, &s.q, &s.k, &s.v, dm.attn);
+                                  // attention: h_mid = x_in + o_proj(attn(rope(q), rope(k), v))
+        self.linear_bwd(
+            layer,
+            Proj::O,
+            &mut sc.d_o,
+            false,
+            grads,
+            d_h,
+            &s.o,
+            u(Proj::O),
+        );
+        be.attention_bwd(
+            &mut sc.d_q,
+            &mut sc.d_k,
+            &mut sc.d_v,
+            &sc.d_o,
+            &s.att,
+            &s.q,
+            &s.k,
+            &s.v,
+            dm.attn,
+        );
         be.rope_bwd(&mut sc.d_q, self.rope, dm.rope_q);
         be.rope_bwd(&mut sc.d_k, self.rope, dm.rope_k);
-        self.linear_bwd(layer, Proj::Q, &mut sc.d_xn, false, grads, &sc.d_q, &s.xn1, u(Proj::Q));
-        self.linear_bwd(layer, Proj::K, &mut sc.d_xn, true, grads, &sc.d_k, &s.xn1, u(Proj::K));
-        self.linear_bwd(layer, Proj::V, &mut sc.d_xn, true, grads, &sc.d_v, &s.xn1, u(Proj::V));
-        be.rmsnorm_bwd(&mut sc.tmp, &sc.d_xn, &s.x_in, &s.rstd1, &lw.attn_norm, dm.c);
+        self.linear_bwd(
+            layer,
+            Proj::Q,
+            &mut sc.d_xn,
+            false,
+            grads,
+            &sc.d_q,
+            &s.xn1,
+            u(Proj::Q),
+        );
+        self.linear_bwd(
+            layer,
+            Proj::K,
+            &mut sc.d_xn,
+            true,
+            grads,
+            &sc.d_k,
+            &s.xn1,
+            u(Proj::K),
+        );
+        self.linear_bwd(
+            layer,
+            Proj::V,
+            &mut sc.d_xn,
+            true,
+            grads,
+            &sc.d_v,
+            &s.xn1,
+            u(Proj::V),
+        );
+        be.rmsnorm_bwd(
+            &mut sc.tmp,
+            &sc.d_xn,
+            &s.x_in,
+            &s.rstd1,
+            &lw.attn_norm,
+            dm.c,
+        );
         be.add_acc(d_h, &sc.tmp); // d_h = d(x_in)
     }
 }
@@ -428,7 +564,9 @@ struct Scratch<B: Backend> {
 fn validate<B: Backend>(model: &Model<B>, ids: &[u32], labels: Option<&[i32]>) -> Result<()> {
     let v = model.config.vocab_size;
     if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
-        return Err(TrainError::Batch(format!("input_ids[{i}] = {id} is outside the vocabulary (V = {v})")));
+        return Err(TrainError::Batch(format!(
+            "input_ids[{i}] = {id} is outside the vocabulary (V = {v})"
+        )));
     }
     if let Some(labels) = labels {
         if let Some((i, &l)) = labels
@@ -436,7 +574,9 @@ fn validate<B: Backend>(model: &Model<B>, ids: &[u32], labels: Option<&[i32]>) -
             .enumerate()
             .find(|(_, &l)| l != IGNORE_INDEX && (l < 0 || l as usize >= v))
         {
-            return Err(TrainError::Batch(format!("labels[{i}] = {l} is neither -100 nor a token id < {v}")));
+            return Err(TrainError::Batch(format!(
+                "labels[{i}] = {l} is neither -100 nor a token id < {v}"
+            )));
         }
     }
     Ok(())
@@ -446,10 +586,20 @@ fn rope_table<B: Backend>(be: &B, model: &Model<B>, positions: usize) -> B::Buf 
     be.upload(&table_f32(&model.config.rope_inv_freq(), positions))
 }
 
-fn embed<B: Backend>(be: &B, model: &Model<B>, adapter: Option<&Adapter<B>>, ids: &[u32], n: usize) -> B::Buf {
+fn embed<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    adapter: Option<&Adapter<B>>,
+    ids: &[u32],
+    n: usize,
+) -> B::Buf {
     let c = model.config.hidden_size;
     let mut h = be.zeros(n * c);
-    match adapter.and_then(|a| a.layout.saved_slot(SavedModule::EmbedTokens).map(|s| (a, s.offset))) {
+    match adapter.and_then(|a| {
+        a.layout
+            .saved_slot(SavedModule::EmbedTokens)
+            .map(|s| (a, s.offset))
+    }) {
         Some((a, off)) => be.embedding_fwd(&mut h, ids, &a.params, off, c),
         None => be.embedding_fwd(&mut h, ids, &model.embed, 0, c),
     }
@@ -458,14 +608,24 @@ fn embed<B: Backend>(be: &B, model: &Model<B>, adapter: Option<&Adapter<B>>, ids
 
 /// `logits (N, V)` from the final hidden `xf (N, C)` through lm_head (frozen, or the trainable
 /// modules_to_save copy).
-fn lm_head_fwd<B: Backend>(be: &B, model: &Model<B>, adapter: Option<&Adapter<B>>, xf: &B::Buf, n: usize) -> B::Buf {
+fn lm_head_fwd<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    adapter: Option<&Adapter<B>>,
+    xf: &B::Buf,
+    n: usize,
+) -> B::Buf {
     let dims = LinearDims {
         n,
         in_features: model.config.hidden_size,
         out_features: model.config.vocab_size,
     };
     let mut logits = be.zeros(n * dims.out_features);
-    match adapter.and_then(|a| a.layout.saved_slot(SavedModule::LmHead).map(|s| (a, s.offset))) {
+    match adapter.and_then(|a| {
+        a.layout
+            .saved_slot(SavedModule::LmHead)
+            .map(|s| (a, s.offset))
+    }) {
         Some((a, off)) => be.dense_linear_fwd(&mut logits, xf, &a.params, off, dims),
         None => be.nf4_lora_linear_fwd(&mut logits, None, xf, &model.lm_head.w, None, None, dims),
     }
@@ -489,7 +649,8 @@ pub fn forward_backward<B: Backend>(
     let nl = model.config.num_layers;
     let mut grads = std::mem::replace(&mut adapter.grads, be.zeros(0));
     let adapter_ref: &Adapter<B> = adapter;
-    let dropout = (adapter_ref.config.lora_dropout > 0.0).then_some((adapter_ref.config.lora_dropout, opts.dropout_seed));
+    let dropout = (adapter_ref.config.lora_dropout > 0.0)
+        .then_some((adapter_ref.config.lora_dropout, opts.dropout_seed));
     let cx = Ctx {
         be,
         model,
@@ -528,7 +689,14 @@ pub fn forward_backward<B: Backend>(
     }
     let mut xf = be.zeros(n * c);
     let mut rstdf = be.zeros(n);
-    be.rmsnorm_fwd(&mut xf, &mut rstdf, &h, &model.norm, c, model.config.rms_norm_eps);
+    be.rmsnorm_fwd(
+        &mut xf,
+        &mut rstdf,
+        &h,
+        &model.norm,
+        c,
+        model.config.rms_norm_eps,
+    );
     let mut logits = lm_head_fwd(be, model, Some(adapter_ref), &xf, n);
     let mut lse = be.zeros(n);
     let (sum, tokens) = be.cross_entropy_fwd(&mut lse, &logits, &targets, dm.v);
@@ -547,8 +715,26 @@ pub fn forward_backward<B: Backend>(
     };
     let mut d_xf = be.zeros(n * c);
     match adapter_ref.layout.saved_slot(SavedModule::LmHead) {
-        Some(s) => be.dense_linear_bwd(&mut d_xf, &mut grads, &logits, &xf, &adapter_ref.params, s.offset, lm_dims),
-        None => be.nf4_lora_linear_bwd(Some(&mut d_xf), false, None, &logits, &xf, None, &model.lm_head.w, None, lm_dims),
+        Some(s) => be.dense_linear_bwd(
+            &mut d_xf,
+            &mut grads,
+            &logits,
+            &xf,
+            &adapter_ref.params,
+            s.offset,
+            lm_dims,
+        ),
+        None => be.nf4_lora_linear_bwd(
+            Some(&mut d_xf),
+            false,
+            None,
+            &logits,
+            &xf,
+            None,
+            &model.lm_head.w,
+            None,
+            lm_dims,
+        ),
     }
     drop(logits);
     let mut d_h = be.zeros(n * c);
@@ -594,13 +780,20 @@ pub fn forward_logits<B: Backend>(
     input_ids: &[u32],
     b: usize,
     t: usize,
-    mut cache: Option<&mut KvCache<B>>,
+    cache: Option<&mut KvCache<B>>,
 ) -> Result<B::Buf> {
-    let h = forward_hidden(be, model, adapter, input_ids, b, t, cache.as_deref_mut())?;
+    let h = forward_hidden(be, model, adapter, input_ids, b, t, cache)?;
     let (n, c) = (b * t, model.config.hidden_size);
     let mut xf = be.zeros(n * c);
     let mut rstd = be.zeros(n);
-    be.rmsnorm_fwd(&mut xf, &mut rstd, &h, &model.norm, c, model.config.rms_norm_eps);
+    be.rmsnorm_fwd(
+        &mut xf,
+        &mut rstd,
+        &h,
+        &model.norm,
+        c,
+        model.config.rms_norm_eps,
+    );
     Ok(lm_head_fwd(be, model, adapter, &xf, n))
 }
 
@@ -615,7 +808,10 @@ pub fn forward_hidden<B: Backend>(
     mut cache: Option<&mut KvCache<B>>,
 ) -> Result<B::Buf> {
     if b == 0 || t == 0 || input_ids.len() != b * t {
-        return Err(TrainError::Batch(format!("input_ids has {} elements, expected B·T = {b}·{t} > 0", input_ids.len())));
+        return Err(TrainError::Batch(format!(
+            "input_ids has {} elements, expected B·T = {b}·{t} > 0",
+            input_ids.len()
+        )));
     }
     validate(model, input_ids, None)?;
     let (pos, kv_rows) = match &cache {
@@ -659,10 +855,20 @@ pub fn forward_hidden<B: Backend>(
 }
 
 /// Mean-able loss of a batch without gradients (evaluation): the summed token loss and count.
-pub fn forward_loss<B: Backend>(be: &B, model: &Model<B>, adapter: Option<&Adapter<B>>, batch: &Batch) -> Result<LossStats> {
+pub fn forward_loss<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    adapter: Option<&Adapter<B>>,
+    batch: &Batch,
+) -> Result<LossStats> {
     validate(model, &batch.input_ids, Some(&batch.labels))?;
     let logits = forward_logits(be, model, adapter, &batch.input_ids, batch.b, batch.t, None)?;
     let mut lse = be.zeros(batch.b * batch.t);
-    let (sum, tokens) = be.cross_entropy_fwd(&mut lse, &logits, &batch.shifted_targets(), model.config.vocab_size);
+    let (sum, tokens) = be.cross_entropy_fwd(
+        &mut lse,
+        &logits,
+        &batch.shifted_targets(),
+        model.config.vocab_size,
+    );
     Ok(LossStats { sum, tokens })
 }

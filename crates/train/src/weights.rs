@@ -22,7 +22,11 @@ pub trait WeightSource {
     }
     /// Load a bitsandbytes NF4 weight.
     fn get_nf4(&self, weight_name: &str) -> Result<qlora_nf4::Nf4Tensor> {
-        Err(TrainError::tensor(self.origin(), weight_name, "is not an NF4 weight"))
+        Err(TrainError::tensor(
+            self.origin(),
+            weight_name,
+            "is not an NF4 weight",
+        ))
     }
     /// Stored dtype of a tensor (None: f32 in memory).
     fn dtype(&self, _name: &str) -> Option<qlora_nf4::Dtype> {

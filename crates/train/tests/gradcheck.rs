@@ -33,7 +33,11 @@ fn check(name: &str, x: &[f64], analytic: &[f64], mut f: impl FnMut(&[f64]) -> f
         xp[i] = x[i];
         let num = (lp - lm) / (2.0 * EPS);
         let err = (num - analytic[i]).abs() / scale;
-        assert!(err < TOL, "{name}[{i}]: analytic {} numeric {num} (err {err:e})", analytic[i]);
+        assert!(
+            err < TOL,
+            "{name}[{i}]: analytic {} numeric {num} (err {err:e})",
+            analytic[i]
+        );
     }
 }
 
@@ -111,7 +115,12 @@ fn attention_case(dims: AttnDims, seed: u64) {
     let mut rng = SmallRng::seed_from_u64(seed);
     let nq = dims.b * dims.tq * dims.h * dims.d;
     let nk = dims.b * dims.kv_rows * dims.hkv * dims.d;
-    let (q, k, v, r) = (rnd(&mut rng, nq), rnd(&mut rng, nk), rnd(&mut rng, nk), rnd(&mut rng, nq));
+    let (q, k, v, r) = (
+        rnd(&mut rng, nq),
+        rnd(&mut rng, nk),
+        rnd(&mut rng, nk),
+        rnd(&mut rng, nq),
+    );
     let run = |q: &[f64], k: &[f64], v: &[f64]| {
         let mut o = vec![0.0; nq];
         let mut p = vec![0.0; attention::saved_len(dims)];
@@ -189,20 +198,55 @@ fn linear_case(dropout: Option<Dropout>, seed: u64) {
     let run = |x: &[f64], p: &[f64]| {
         let mut y = vec![0.0; n * o];
         let mut u = vec![0.0; n * rk];
-        linear::fwd(&mut y, Some(&mut u), x, &w, Some(&bias), Some((p, &s, dropout)), dims);
+        linear::fwd(
+            &mut y,
+            Some(&mut u),
+            x,
+            &w,
+            Some(&bias),
+            Some((p, &s, dropout)),
+            dims,
+        );
         (y, u)
     };
     let (_, u) = run(&x, &params);
     let mut dx = vec![0.0; n * i];
     let mut grads = vec![0.0; params.len()];
-    linear::bwd(Some(&mut dx), false, Some(&mut grads), &r, &x, Some(&u), &w, Some((&params, &s, dropout)), dims);
-    check("nf4_lora_linear d_x", &x, &dx, |x| dot(&run(x, &params).0, &r));
-    check("nf4_lora_linear d_lora (A and B)", &params, &grads, |p| dot(&run(&x, p).0, &r));
+    linear::bwd(
+        Some(&mut dx),
+        false,
+        Some(&mut grads),
+        &r,
+        &x,
+        Some(&u),
+        &w,
+        Some((&params, &s, dropout)),
+        dims,
+    );
+    check("nf4_lora_linear d_x", &x, &dx, |x| {
+        dot(&run(x, &params).0, &r)
+    });
+    check("nf4_lora_linear d_lora (A and B)", &params, &grads, |p| {
+        dot(&run(&x, p).0, &r)
+    });
     // outside the slot the gradient arena is untouched
-    assert!(grads[..3].iter().chain(&grads[s.b_range().end..]).all(|&g| g == 0.0));
+    assert!(grads[..3]
+        .iter()
+        .chain(&grads[s.b_range().end..])
+        .all(|&g| g == 0.0));
     // accumulate mode adds
     let mut dx2 = vec![1.0; n * i];
-    linear::bwd(Some(&mut dx2), true, None, &r, &x, Some(&u), &w, Some((&params, &s, dropout)), dims);
+    linear::bwd(
+        Some(&mut dx2),
+        true,
+        None,
+        &r,
+        &x,
+        Some(&u),
+        &w,
+        Some((&params, &s, dropout)),
+        dims,
+    );
     for (a, b) in dx2.iter().zip(&dx) {
         assert!((a - 1.0 - b).abs() < 1e-12);
     }
@@ -258,7 +302,10 @@ fn cross_entropy_bwd() {
     let mut d = logits.clone();
     cross_entropy::bwd(&mut d, &lse, &targets, v, 1.0 / 3.0);
     check("cross_entropy d_logits", &logits, &d, f);
-    assert!(d[v..2 * v].iter().all(|&x| x == 0.0), "ignored row has gradient");
+    assert!(
+        d[v..2 * v].iter().all(|&x| x == 0.0),
+        "ignored row has gradient"
+    );
 }
 
 #[test]
@@ -320,6 +367,8 @@ fn schedule_forward_backward_matches_finite_differences() {
     let mut probe = Adapter::new(&be, &w);
     check("schedule d_adapter", &x, &analytic, |p| {
         probe.params.copy_from_slice(p);
-        forward_loss(&be, &model, Some(&probe), &batch).unwrap().mean()
+        forward_loss(&be, &model, Some(&probe), &batch)
+            .unwrap()
+            .mean()
     });
 }

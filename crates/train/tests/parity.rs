@@ -18,11 +18,22 @@ fn ids_of(t: &(Vec<usize>, Vec<f64>)) -> (Vec<u32>, usize, usize) {
 }
 
 /// Logits of `model` (+ adapter) on the fixture's input_ids vs its `logits`; returns max |Δ|.
-fn check_logits(be: &CpuBackend, model: &Model<CpuBackend>, adapter: Option<&Adapter<CpuBackend>>, file: &str) -> f64 {
+fn check_logits(
+    be: &CpuBackend,
+    model: &Model<CpuBackend>,
+    adapter: Option<&Adapter<CpuBackend>>,
+    file: &str,
+) -> f64 {
     check_logits_tol(be, model, adapter, file, 1e-4)
 }
 
-fn check_logits_tol(be: &CpuBackend, model: &Model<CpuBackend>, adapter: Option<&Adapter<CpuBackend>>, file: &str, tol: f64) -> f64 {
+fn check_logits_tol(
+    be: &CpuBackend,
+    model: &Model<CpuBackend>,
+    adapter: Option<&Adapter<CpuBackend>>,
+    file: &str,
+    tol: f64,
+) -> f64 {
     let fx = read_all(file);
     let (ids, b, t) = ids_of(&fx["input_ids"]);
     let logits = forward_logits(be, model, adapter, &ids, b, t, None).unwrap();
@@ -66,19 +77,30 @@ fn lora_merged_f32_logits() {
     let dir = qlora_nf4::ModelWeights::open(&fixture("tiny-llama")).unwrap();
     let dir: &dyn WeightSource = &dir;
     let mut src = MapSource::default();
-    for name in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"] {
-        src.tensors.insert(name.into(), (dir.shape(name).unwrap(), dir.get_f32(name).unwrap()));
+    for name in [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+    ] {
+        src.tensors.insert(
+            name.into(),
+            (dir.shape(name).unwrap(), dir.get_f32(name).unwrap()),
+        );
     }
     for l in 0..cfg.num_layers {
         for n in ["input_layernorm", "post_attention_layernorm"] {
             let name = format!("model.layers.{l}.{n}.weight");
-            src.tensors.insert(name.clone(), (dir.shape(&name).unwrap(), dir.get_f32(&name).unwrap()));
+            src.tensors.insert(
+                name.clone(),
+                (dir.shape(&name).unwrap(), dir.get_f32(&name).unwrap()),
+            );
         }
         for p in Proj::ALL {
             let name = format!("{}.weight", p.module_path(l));
             let mut wt = dir.get_f32(&name).unwrap();
             lora::merge_into(&mut wt, w.layout.slot(l, p).unwrap(), &w.data);
-            src.tensors.insert(name.clone(), (dir.shape(&name).unwrap(), wt));
+            src.tensors
+                .insert(name.clone(), (dir.shape(&name).unwrap(), wt));
         }
     }
     let m = Model::from_source(&be, cfg, &src, BaseFormat::Dense).unwrap();
@@ -93,7 +115,11 @@ fn base_text_f32_through_tokenizer() {
     let enc = tok.encode("Quantize the model weight.", true).unwrap();
     let fx = read_all("logits/base_text_f32.safetensors");
     let (want, _, _) = ids_of(&fx["input_ids"]);
-    assert_eq!(enc.get_ids(), want.as_slice(), "tokenizer ids differ from transformers'");
+    assert_eq!(
+        enc.get_ids(),
+        want.as_slice(),
+        "tokenizer ids differ from transformers'"
+    );
     check_logits(&be, &m, None, "logits/base_text_f32.safetensors");
 }
 
@@ -113,13 +139,21 @@ fn check_grads_step0(be: &CpuBackend, m: &Model<CpuBackend>, dir: &str) {
             ..Default::default()
         };
         let loss = forward_backward(be, m, &mut a, &batch, opts).unwrap();
-        let losses: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{dir}/losses.json"))).unwrap()).unwrap();
+        let losses: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(&format!("{dir}/losses.json"))).unwrap(),
+        )
+        .unwrap();
         let ref_loss = losses["steps"][0]["loss"].as_f64().unwrap();
-        assert!((loss.mean() - ref_loss).abs() < 1e-5, "{dir}: loss {} vs {ref_loss}", loss.mean());
+        assert!(
+            (loss.mean() - ref_loss).abs() < 1e-5,
+            "{dir}: loss {} vs {ref_loss}",
+            loss.mean()
+        );
         let mut worst = 0f64;
         for (key, _, range) in a.layout.tensors() {
-            let (_, r) = want.get(&key).unwrap_or_else(|| panic!("{dir}: no reference gradient {key}"));
+            let (_, r) = want
+                .get(&key)
+                .unwrap_or_else(|| panic!("{dir}: no reference gradient {key}"));
             let got = &a.grads[range];
             let e = if r.iter().all(|&x| x == 0.0) {
                 // lora_A of a zero-B init: the reference is exactly zero; so must ours be.
@@ -131,10 +165,16 @@ fn check_grads_step0(be: &CpuBackend, m: &Model<CpuBackend>, dir: &str) {
             worst = worst.max(e);
         }
         assert_eq!(want.len(), a.layout.tensors().len(), "{dir}: tensor count");
-        eprintln!("{dir} (checkpointing {ckpt}): loss {:.7} vs {ref_loss:.7}, worst grad error {worst:e}", loss.mean());
+        eprintln!(
+            "{dir} (checkpointing {ckpt}): loss {:.7} vs {ref_loss:.7}, worst grad error {worst:e}",
+            loss.mean()
+        );
         grads.push(a.grads.clone());
     }
-    assert_eq!(grads[0], grads[1], "{dir}: checkpointing changed the gradients");
+    assert_eq!(
+        grads[0], grads[1],
+        "{dir}: checkpointing changed the gradients"
+    );
 }
 
 #[test]
@@ -146,7 +186,12 @@ fn qlora_fp32_grads_step0() {
 fn bnb_base() -> (CpuBackend, Model<CpuBackend>) {
     let be = CpuBackend::<f32>::new();
     // A bitsandbytes checkpoint is read as stored, whatever format is asked.
-    let m = Model::load(&be, &fixture("qlora-bnb4/quantized_base"), BaseFormat::Dense).unwrap();
+    let m = Model::load(
+        &be,
+        &fixture("qlora-bnb4/quantized_base"),
+        BaseFormat::Dense,
+    )
+    .unwrap();
     assert!(m.nf4_base);
     (be, m)
 }
@@ -176,7 +221,10 @@ fn quantize_on_load_matches_bnb_checkpoint() {
     let (_, bnb) = bnb_base();
     for (lo, lb) in ours.layers.iter().zip(&bnb.layers) {
         for (po, pb) in lo.proj.iter().zip(&lb.proj) {
-            assert_eq!(po.w.nf4.as_ref().unwrap().packed, pb.w.nf4.as_ref().unwrap().packed);
+            assert_eq!(
+                po.w.nf4.as_ref().unwrap().packed,
+                pb.w.nf4.as_ref().unwrap().packed
+            );
         }
     }
     // Our nested absmax codes are exact-nearest, bnb's CPU table is off by one code on ~0.5%
@@ -205,9 +253,16 @@ fn trainable_parameter_report_matches_peft() {
     let (_, m) = bnb_base();
     let w = AdapterWeights::load(&fixture("qlora-bnb4/adapter_init"), &m.config).unwrap();
     let losses: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("qlora-bnb4/losses.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("qlora-bnb4/losses.json")).unwrap())
+            .unwrap();
     let rep = ParamReport::new(&m.config, &w.layout, m.nf4_base);
-    assert_eq!(rep.trainable as u64, losses["trainable_params"].as_u64().unwrap());
+    assert_eq!(
+        rep.trainable as u64,
+        losses["trainable_params"].as_u64().unwrap()
+    );
     assert_eq!(rep.all, 150_400);
-    assert_eq!(rep.peft_line(), "trainable params: 18,496 || all params: 150,400 || trainable%: 12.2979");
+    assert_eq!(
+        rep.peft_line(),
+        "trainable params: 18,496 || all params: 150,400 || trainable%: 12.2979"
+    );
 }

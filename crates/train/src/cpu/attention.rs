@@ -45,11 +45,28 @@ pub fn fwd<T: Real>(out: &mut [T], saved: &mut [T], q: &[T], k: &[T], v: &[T], d
             let vp = v[bi * kv_rows * hkv * d + g * d..].as_ptr();
             // SAFETY: strided extents lie inside q/k/v (asserted above); p is this task's own.
             unsafe {
-                gemm_raw(tq, tk, d, p.as_mut_ptr(), tk as isize, false, qp, qs, 1, kp, 1, ks, scale, false);
+                gemm_raw(
+                    tq,
+                    tk,
+                    d,
+                    p.as_mut_ptr(),
+                    tk as isize,
+                    false,
+                    qp,
+                    qs,
+                    1,
+                    kp,
+                    1,
+                    ks,
+                    scale,
+                    false,
+                );
             }
             for (i, row) in p.chunks_mut(tk).enumerate() {
                 let valid = (i + off + 1).min(tk);
-                let m = row[..valid].iter().fold(T::neg_infinity(), |a, &x| a.max(x));
+                let m = row[..valid]
+                    .iter()
+                    .fold(T::neg_infinity(), |a, &x| a.max(x));
                 let mut s = T::zero();
                 for x in &mut row[..valid] {
                     *x = (*x - m).exp_v();
@@ -132,8 +149,20 @@ pub fn bwd<T: Real>(
             unsafe {
                 // dP = dO_h · V_gᵀ  (Tq, Tk)
                 gemm_raw(
-                    tq, tk, d, ds.as_mut_ptr(), tk as isize, false,
-                    d_out[q_base..].as_ptr(), qs, 1, v[kv_base..].as_ptr(), 1, ks, T::one(), false,
+                    tq,
+                    tk,
+                    d,
+                    ds.as_mut_ptr(),
+                    tk as isize,
+                    false,
+                    d_out[q_base..].as_ptr(),
+                    qs,
+                    1,
+                    v[kv_base..].as_ptr(),
+                    1,
+                    ks,
+                    T::one(),
+                    false,
                 );
             }
             for (dsr, pr) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
@@ -146,18 +175,54 @@ pub fn bwd<T: Real>(
             unsafe {
                 // dV_g += Pᵀ · dO_h  (Tk, D)
                 gemm_raw(
-                    tk, d, tq, dvp.0.add(kv_base), ks, !first,
-                    p.as_ptr(), 1, tk as isize, d_out[q_base..].as_ptr(), qs, 1, T::one(), false,
+                    tk,
+                    d,
+                    tq,
+                    dvp.0.add(kv_base),
+                    ks,
+                    !first,
+                    p.as_ptr(),
+                    1,
+                    tk as isize,
+                    d_out[q_base..].as_ptr(),
+                    qs,
+                    1,
+                    T::one(),
+                    false,
                 );
                 // dQ_h = σ · dS · K_g  (Tq, D)
                 gemm_raw(
-                    tq, d, tk, dqp.0.add(q_base), qs, false,
-                    ds.as_ptr(), tk as isize, 1, k[kv_base..].as_ptr(), ks, 1, scale, false,
+                    tq,
+                    d,
+                    tk,
+                    dqp.0.add(q_base),
+                    qs,
+                    false,
+                    ds.as_ptr(),
+                    tk as isize,
+                    1,
+                    k[kv_base..].as_ptr(),
+                    ks,
+                    1,
+                    scale,
+                    false,
                 );
                 // dK_g += σ · dSᵀ · Q_h  (Tk, D)
                 gemm_raw(
-                    tk, d, tq, dkp.0.add(kv_base), ks, !first,
-                    ds.as_ptr(), 1, tk as isize, q[q_base..].as_ptr(), qs, 1, scale, false,
+                    tk,
+                    d,
+                    tq,
+                    dkp.0.add(kv_base),
+                    ks,
+                    !first,
+                    ds.as_ptr(),
+                    1,
+                    tk as isize,
+                    q[q_base..].as_ptr(),
+                    qs,
+                    1,
+                    scale,
+                    false,
                 );
             }
         }

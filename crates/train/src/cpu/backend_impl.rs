@@ -31,7 +31,13 @@ pub struct CpuFrozen<T> {
     pub in_features: usize,
 }
 
-fn lora_of<'a, T>(l: Option<(&'a Vec<T>, LoraArgs<'a>)>) -> Option<(&'a [T], &'a crate::lora::LoraSlot, Option<crate::backend::Dropout>)> {
+fn lora_of<'a, T>(
+    l: Option<(&'a Vec<T>, LoraArgs<'a>)>,
+) -> Option<(
+    &'a [T],
+    &'a crate::lora::LoraSlot,
+    Option<crate::backend::Dropout>,
+)> {
     l.map(|(p, a)| (p.as_slice(), a.slot, a.dropout))
 }
 
@@ -96,17 +102,47 @@ impl<T: Real> Backend for CpuBackend<T> {
         add_acc(dst, src)
     }
 
-    fn embedding_fwd(&self, out: &mut Vec<T>, ids: &[u32], table: &Vec<T>, table_off: usize, c: usize) {
+    fn embedding_fwd(
+        &self,
+        out: &mut Vec<T>,
+        ids: &[u32],
+        table: &Vec<T>,
+        table_off: usize,
+        c: usize,
+    ) {
         embedding::fwd(out, ids, &table[table_off..], c)
     }
-    fn embedding_bwd_acc(&self, d_table: &mut Vec<T>, off: usize, ids: &[u32], d_out: &Vec<T>, c: usize) {
+    fn embedding_bwd_acc(
+        &self,
+        d_table: &mut Vec<T>,
+        off: usize,
+        ids: &[u32],
+        d_out: &Vec<T>,
+        c: usize,
+    ) {
         embedding::bwd_acc(&mut d_table[off..], ids, d_out, c)
     }
 
-    fn rmsnorm_fwd(&self, out: &mut Vec<T>, rstd: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, c: usize, eps: f64) {
+    fn rmsnorm_fwd(
+        &self,
+        out: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        c: usize,
+        eps: f64,
+    ) {
         rmsnorm::fwd(out, rstd, x, w, c, eps)
     }
-    fn rmsnorm_bwd(&self, d_x: &mut Vec<T>, d_out: &Vec<T>, x: &Vec<T>, rstd: &Vec<T>, w: &Vec<T>, c: usize) {
+    fn rmsnorm_bwd(
+        &self,
+        d_x: &mut Vec<T>,
+        d_out: &Vec<T>,
+        x: &Vec<T>,
+        rstd: &Vec<T>,
+        w: &Vec<T>,
+        c: usize,
+    ) {
         rmsnorm::bwd(d_x, d_out, x, rstd, w, c)
     }
 
@@ -120,7 +156,15 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn attention_saved_len(&self, dims: AttnDims) -> usize {
         attention::saved_len(dims)
     }
-    fn attention_fwd(&self, out: &mut Vec<T>, saved: &mut Vec<T>, q: &Vec<T>, k: &Vec<T>, v: &Vec<T>, dims: AttnDims) {
+    fn attention_fwd(
+        &self,
+        out: &mut Vec<T>,
+        saved: &mut Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        dims: AttnDims,
+    ) {
         attention::fwd(out, saved, q, k, v, dims)
     }
     fn attention_bwd(
@@ -141,7 +185,14 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn swiglu_fwd(&self, out: &mut Vec<T>, gate: &Vec<T>, up: &Vec<T>) {
         swiglu::fwd(out, gate, up)
     }
-    fn swiglu_bwd(&self, d_gate: &mut Vec<T>, d_up: &mut Vec<T>, d_out: &Vec<T>, gate: &Vec<T>, up: &Vec<T>) {
+    fn swiglu_bwd(
+        &self,
+        d_gate: &mut Vec<T>,
+        d_up: &mut Vec<T>,
+        d_out: &Vec<T>,
+        gate: &Vec<T>,
+        up: &Vec<T>,
+    ) {
         swiglu::bwd(d_gate, d_up, d_out, gate, up)
     }
 
@@ -155,7 +206,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         lora: Option<(&Vec<T>, LoraArgs<'_>)>,
         dims: LinearDims,
     ) {
-        linear::fwd(y, u.map(|u| u.as_mut_slice()), x, &w.w, bias.map(|b| b.as_slice()), lora_of(lora), dims)
+        linear::fwd(
+            y,
+            u.map(|u| u.as_mut_slice()),
+            x,
+            &w.w,
+            bias.map(|b| b.as_slice()),
+            lora_of(lora),
+            dims,
+        )
     }
     fn nf4_lora_linear_bwd(
         &self,
@@ -182,7 +241,14 @@ impl<T: Real> Backend for CpuBackend<T> {
         )
     }
 
-    fn dense_linear_fwd(&self, y: &mut Vec<T>, x: &Vec<T>, params: &Vec<T>, w_off: usize, dims: LinearDims) {
+    fn dense_linear_fwd(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        params: &Vec<T>,
+        w_off: usize,
+        dims: LinearDims,
+    ) {
         let n = dims.in_features * dims.out_features;
         linear::dense_fwd(y, x, &params[w_off..w_off + n], dims)
     }
@@ -197,13 +263,33 @@ impl<T: Real> Backend for CpuBackend<T> {
         dims: LinearDims,
     ) {
         let n = dims.in_features * dims.out_features;
-        linear::dense_bwd(d_x, &mut grads[w_off..w_off + n], d_y, x, &params[w_off..w_off + n], dims)
+        linear::dense_bwd(
+            d_x,
+            &mut grads[w_off..w_off + n],
+            d_y,
+            x,
+            &params[w_off..w_off + n],
+            dims,
+        )
     }
 
-    fn cross_entropy_fwd(&self, lse: &mut Vec<T>, logits: &Vec<T>, targets: &[i32], v: usize) -> (f64, usize) {
+    fn cross_entropy_fwd(
+        &self,
+        lse: &mut Vec<T>,
+        logits: &Vec<T>,
+        targets: &[i32],
+        v: usize,
+    ) -> (f64, usize) {
         cross_entropy::fwd(lse, logits, targets, v)
     }
-    fn cross_entropy_bwd(&self, logits_to_d: &mut Vec<T>, lse: &Vec<T>, targets: &[i32], v: usize, scale: f64) {
+    fn cross_entropy_bwd(
+        &self,
+        logits_to_d: &mut Vec<T>,
+        lse: &Vec<T>,
+        targets: &[i32],
+        v: usize,
+        scale: f64,
+    ) {
         cross_entropy::bwd(logits_to_d, lse, targets, v, scale)
     }
 }

@@ -18,7 +18,10 @@ pub fn fwd<T: Real>(out: &mut [T], ids: &[u32], table: &[T], c: usize) {
 pub fn bwd_acc<T: Real>(d_table: &mut [T], ids: &[u32], d_out: &[T], c: usize) {
     for (i, &id) in ids.iter().enumerate() {
         let id = id as usize;
-        for (d, &g) in d_table[id * c..(id + 1) * c].iter_mut().zip(&d_out[i * c..(i + 1) * c]) {
+        for (d, &g) in d_table[id * c..(id + 1) * c]
+            .iter_mut()
+            .zip(&d_out[i * c..(i + 1) * c])
+        {
             *d = *d + g;
         }
     }

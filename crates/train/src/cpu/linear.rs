@@ -41,7 +41,8 @@ pub fn fwd<T: Real>(
     assert!(y.len() == n * o && x.len() == n * i && w.len() == o * i);
     mm_nt(y, x, w, n, o, i, T::one(), false);
     if let Some(bias) = bias {
-        y.par_chunks_mut(o).for_each(|r| r.iter_mut().zip(bias).for_each(|(y, &b)| *y = *y + b));
+        y.par_chunks_mut(o)
+            .for_each(|r| r.iter_mut().zip(bias).for_each(|(y, &b)| *y = *y + b));
     }
     if let Some((params, s, dr)) = lora {
         let r = s.r;
@@ -117,11 +118,14 @@ pub fn bwd<T: Real>(
                     let mut t = vec![T::zero(); n * i];
                     mm_nn(&mut t, &g, a, n, i, s.r, sc, false);
                     let dr = *dr;
-                    d_x.par_chunks_mut(8192).zip(t.par_chunks(8192)).enumerate().for_each(|(c, (dx, t))| {
-                        for (j, (dx, &t)) in dx.iter_mut().zip(t).enumerate() {
-                            *dx = *dx + t * dropout_scale::<T>(dr.seed, c * 8192 + j, dr.p);
-                        }
-                    });
+                    d_x.par_chunks_mut(8192)
+                        .zip(t.par_chunks(8192))
+                        .enumerate()
+                        .for_each(|(c, (dx, t))| {
+                            for (j, (dx, &t)) in dx.iter_mut().zip(t).enumerate() {
+                                *dx = *dx + t * dropout_scale::<T>(dr.seed, c * 8192 + j, dr.p);
+                            }
+                        });
                 }
             }
         }
@@ -130,11 +134,27 @@ pub fn bwd<T: Real>(
 
 /// Trainable dense linear fwd: `y (N, out) = x (N, in) · W (out, in)ᵀ`.
 pub fn dense_fwd<T: Real>(y: &mut [T], x: &[T], w: &[T], dims: LinearDims) {
-    mm_nt(y, x, w, dims.n, dims.out_features, dims.in_features, T::one(), false);
+    mm_nt(
+        y,
+        x,
+        w,
+        dims.n,
+        dims.out_features,
+        dims.in_features,
+        T::one(),
+        false,
+    );
 }
 
 /// Trainable dense linear bwd: `d_x = d_y·W` (overwritten), `d_w (out, in) += d_yᵀ·x`.
-pub fn dense_bwd<T: Real>(d_x: &mut [T], d_w: &mut [T], d_y: &[T], x: &[T], w: &[T], dims: LinearDims) {
+pub fn dense_bwd<T: Real>(
+    d_x: &mut [T],
+    d_w: &mut [T],
+    d_y: &[T],
+    x: &[T],
+    w: &[T],
+    dims: LinearDims,
+) {
     let LinearDims {
         n,
         in_features: i,

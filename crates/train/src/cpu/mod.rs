@@ -15,7 +15,14 @@ use rayon::prelude::*;
 
 /// The element type of the CPU ops: f32 for training, f64 for gradient checks.
 pub trait Real:
-    num_traits::Float + num_traits::FromPrimitive + Send + Sync + Default + std::fmt::Debug + std::iter::Sum + 'static
+    num_traits::Float
+    + num_traits::FromPrimitive
+    + Send
+    + Sync
+    + Default
+    + std::fmt::Debug
+    + std::iter::Sum
+    + 'static
 {
     fn of(x: f64) -> Self;
     fn f64(self) -> f64;
@@ -65,7 +72,9 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = 1.0
         + r * (1.0
             + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     if x < -87.3 {
         0.0
@@ -140,37 +149,127 @@ pub(crate) unsafe fn gemm_raw<T: Real>(
     };
     // gemm's convention: dst := a·dst + b·lhs·rhs (dst read only when read_dst).
     gemm::gemm(
-        m, n, k, dst, 1, dst_rs, acc, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, T::one(), alpha, false, false, false, par,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        acc,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        T::one(),
+        alpha,
+        false,
+        false,
+        false,
+        par,
     );
 }
 
 /// `c (m, n) [+]= alpha · a (m, k) · b (n, k)ᵀ` — all row-major contiguous.
 #[allow(clippy::too_many_arguments)]
-pub fn mm_nt<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, alpha: T, acc: bool) {
+pub fn mm_nt<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    acc: bool,
+) {
     assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= n * k);
     // SAFETY: extents checked above; slices do not alias (one is &mut).
     unsafe {
-        gemm_raw(m, n, k, c.as_mut_ptr(), n as isize, acc, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, alpha, true)
+        gemm_raw(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            n as isize,
+            acc,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            alpha,
+            true,
+        )
     }
 }
 
 /// `c (m, n) [+]= alpha · a (m, k) · b (k, n)`.
 #[allow(clippy::too_many_arguments)]
-pub fn mm_nn<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, alpha: T, acc: bool) {
+pub fn mm_nn<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    acc: bool,
+) {
     assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     // SAFETY: as mm_nt.
     unsafe {
-        gemm_raw(m, n, k, c.as_mut_ptr(), n as isize, acc, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, alpha, true)
+        gemm_raw(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            n as isize,
+            acc,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            alpha,
+            true,
+        )
     }
 }
 
 /// `c (m, n) [+]= alpha · a (k, m)ᵀ · b (k, n)`.
 #[allow(clippy::too_many_arguments)]
-pub fn mm_tn<T: Real>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, alpha: T, acc: bool) {
+pub fn mm_tn<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    acc: bool,
+) {
     assert!(c.len() >= m * n && a.len() >= k * m && b.len() >= k * n);
     // SAFETY: as mm_nt.
     unsafe {
-        gemm_raw(m, n, k, c.as_mut_ptr(), n as isize, acc, a.as_ptr(), 1, m as isize, b.as_ptr(), n as isize, 1, alpha, true)
+        gemm_raw(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            n as isize,
+            acc,
+            a.as_ptr(),
+            1,
+            m as isize,
+            b.as_ptr(),
+            n as isize,
+            1,
+            alpha,
+            true,
+        )
     }
 }
 
@@ -180,6 +279,13 @@ pub(crate) struct SendPtr<T>(pub *mut T);
 // SAFETY: only used where every task touches a disjoint set of elements.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 /// Row-chunk size for elementwise rayon loops over `rows` rows of `c` elements.
 pub(crate) fn rows_per_task(rows: usize, c: usize) -> usize {
@@ -231,7 +337,10 @@ mod tests {
             worst = worst.max(((got - want) / want).abs());
             x += 0.0137;
         }
-        assert!(worst < 3.0 * f32::EPSILON as f64, "max relative error {worst:e}");
+        assert!(
+            worst < 3.0 * f32::EPSILON as f64,
+            "max relative error {worst:e}"
+        );
         assert_eq!(super::exp_f32(0.0), 1.0);
         assert_eq!(super::exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(super::exp_f32(-100.0), 0.0);

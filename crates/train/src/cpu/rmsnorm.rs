@@ -39,7 +39,12 @@ pub fn bwd<T: Real>(d_x: &mut [T], d_out: &[T], x: &[T], rstd: &[T], w: &[T], c:
         .for_each(|(((dx, dy), x), r)| {
             for (((dx, dy), x), &r) in dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r) {
                 // mean(g ⊙ x̂) with g = w⊙dy, x̂ = x·r
-                let dot = dy.iter().zip(x).zip(w).map(|((&dy, &x), &w)| w * dy * x * r).sum::<T>()
+                let dot = dy
+                    .iter()
+                    .zip(x)
+                    .zip(w)
+                    .map(|((&dy, &x), &w)| w * dy * x * r)
+                    .sum::<T>()
                     / T::of(c as f64);
                 for (((dx, &dy), &x), &w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
                     *dx = r * (w * dy - x * r * dot);

@@ -26,7 +26,9 @@ const NC: usize = 2048;
 /// compare the two.)
 pub fn available() -> bool {
     static AVAIL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAIL.get_or_init(|| is_x86_feature_detected!("avx512f") && std::env::var_os("QLORA_NO_AVX512").is_none())
+    *AVAIL.get_or_init(|| {
+        is_x86_feature_detected!("avx512f") && std::env::var_os("QLORA_NO_AVX512").is_none()
+    })
 }
 
 /// Register tile: `c (MR rows, stride c_rs) += Σ_p a[p·MR + i] · b[p·NR + j]`.
@@ -46,7 +48,10 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: usi
     for (i, row) in acc.iter().enumerate() {
         let cp = c.add(i * c_rs);
         _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
-        _mm512_storeu_ps(cp.add(16), _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]));
+        _mm512_storeu_ps(
+            cp.add(16),
+            _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
+        );
     }
 }
 
@@ -94,15 +99,31 @@ pub unsafe fn sgemm(
         },
     );
     let cp = SendPtr(c);
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
     // Column chunks: multiples of NR, at most one per thread (or per NC block).
     let per = n.div_ceil(threads).div_ceil(NR) * NR;
     let per = per.clamp(NR, NC);
     let chunks: Vec<(usize, usize)> = (0..n).step_by(per).map(|j| (j, per.min(n - j))).collect();
     let run = |&(j0, nc): &(usize, usize)| {
-        let cp = cp;
+        let c = cp.get();
         // SAFETY: each chunk touches columns j0..j0+nc of C only.
-        unsafe { block(m, nc, k, cp.0.add(j0), c_rs, acc, am, offset_cols(bm, j0), alpha) };
+        unsafe {
+            block(
+                m,
+                nc,
+                k,
+                c.add(j0),
+                c_rs,
+                acc,
+                am,
+                offset_cols(bm, j0),
+                alpha,
+            )
+        };
     };
     if chunks.len() > 1 {
         chunks.par_iter().for_each(run);
@@ -120,7 +141,17 @@ fn offset_cols(b: Mat, j0: usize) -> Mat {
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(m: usize, n: usize, k: usize, c: *mut f32, c_rs: usize, acc: bool, a: Mat, b: Mat, alpha: f32) {
+unsafe fn block(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    acc: bool,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+) {
     if !acc {
         for i in 0..m {
             std::ptr::write_bytes(c.add(i * c_rs), 0, n);
@@ -137,7 +168,8 @@ unsafe fn block(m: usize, n: usize, k: usize, c: *mut f32, c_rs: usize, acc: boo
             let w = NR.min(n - j0);
             for jj in 0..NR {
                 if jj < w {
-                    let src = b.p.offset((pc as isize) * b.rs + ((j0 + jj) as isize) * b.cs);
+                    let src =
+                        b.p.offset((pc as isize) * b.rs + ((j0 + jj) as isize) * b.cs);
                     for p in 0..kc {
                         dst[p * NR + jj] = *src.offset(p as isize * b.rs);
                     }
@@ -156,7 +188,8 @@ unsafe fn block(m: usize, n: usize, k: usize, c: *mut f32, c_rs: usize, acc: boo
                 let h = MR.min(mc - i0);
                 for i in 0..MR {
                     if i < h {
-                        let src = a.p.offset(((ic + i0 + i) as isize) * a.rs + (pc as isize) * a.cs);
+                        let src =
+                            a.p.offset(((ic + i0 + i) as isize) * a.rs + (pc as isize) * a.cs);
                         for p in 0..kc {
                             dst[p * MR + i] = alpha * *src.offset(p as isize * a.cs);
                         }
@@ -214,7 +247,13 @@ mod tests {
                 })
                 .collect()
         };
-        for &(m, n, k) in &[(12, 32, 16), (13, 70, 300), (100, 33, 513), (97, 2100, 40), (5, 40, 20)] {
+        for &(m, n, k) in &[
+            (12, 32, 16),
+            (13, 70, 300),
+            (100, 33, 513),
+            (97, 2100, 40),
+            (5, 40, 20),
+        ] {
             for &(ta, tb) in &[(false, false), (false, true), (true, false)] {
                 for &(acc, par) in &[(false, false), (true, true)] {
                     let a = rnd(m * k);
@@ -226,14 +265,53 @@ mod tests {
                     let mut got = c0.clone();
                     unsafe {
                         gemm::gemm(
-                            m, n, k, want.as_mut_ptr(), 1, n as isize, acc, a.as_ptr(), a_cs, a_rs, b.as_ptr(), b_cs, b_rs,
-                            1.0f32, 0.5f32, false, false, false, gemm::Parallelism::None,
+                            m,
+                            n,
+                            k,
+                            want.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            acc,
+                            a.as_ptr(),
+                            a_cs,
+                            a_rs,
+                            b.as_ptr(),
+                            b_cs,
+                            b_rs,
+                            1.0f32,
+                            0.5f32,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
                         );
-                        sgemm(m, n, k, got.as_mut_ptr(), n, acc, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, 0.5, par);
+                        sgemm(
+                            m,
+                            n,
+                            k,
+                            got.as_mut_ptr(),
+                            n,
+                            acc,
+                            a.as_ptr(),
+                            a_rs,
+                            a_cs,
+                            b.as_ptr(),
+                            b_rs,
+                            b_cs,
+                            0.5,
+                            par,
+                        );
                     }
-                    let err = want.iter().zip(&got).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                    let err = want
+                        .iter()
+                        .zip(&got)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
                     // Both sum k products of |x| ≤ 0.25 in different orders: a few ulps of ~k/16.
-                    assert!(err <= 1e-5 * k as f32, "m{m} n{n} k{k} ta{ta} tb{tb} acc{acc}: {err}");
+                    assert!(
+                        err <= 1e-5 * k as f32,
+                        "m{m} n{n} k{k} ta{ta} tb{tb} acc{acc}: {err}"
+                    );
                 }
             }
         }
