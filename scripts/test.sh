@@ -8,11 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 lane() { echo; echo "=== lane $1 === ($(( $(date +%s) - start )) s)"; }
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# cargo test, with its output kept to total the results at the end.
+ctest() { cargo test "$@" 2>&1 | tee -a "$log"; }
 
 lane "B: kernel compile for sm_90 through NVRTC (no GPU needed)"
 # Runs first: `cargo test --workspace` below also contains the lane-B test, which needs NVRTC.
 if bash scripts/install-nvrtc.sh; then
-  cargo test -p qlora-cuda --test lane_b -- --nocapture
+  ctest -p qlora-cuda --test lane_b -- --nocapture
 elif [ "${CI:-}" = "true" ]; then
   echo "lane B: FAILED — the NVRTC wheel could not be installed (required in CI)" >&2
   exit 1
@@ -23,7 +27,7 @@ fi
 lane "A: CPU — fmt, clippy, cargo test --workspace"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+ctest --workspace
 
 lane "C: GPU"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -33,3 +37,6 @@ else
 fi
 echo
 echo "all lanes done in $(( $(date +%s) - start )) s"
+# One closing line over every cargo test run above (ignored GPU tests count as skipped).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
