@@ -95,13 +95,23 @@ pub fn convert_to_hf(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<Con
     std::fs::create_dir(&tmp).map_err(write_err(&tmp))?;
 
     let result = (|| -> Result<ConvertSummary> {
-        // One tensor in memory at a time: each is dequantized, encoded and appended to a spool
-        // file, and the safetensors file is assembled from the spool at the end.
+        // One tensor in memory at a time: each is dequantized, encoded and appended behind a
+        // header region reserved from the (known) names and ranks; the header is filled in at
+        // the end. transformers writes {"format": "pt"}; some loaders check it.
         let st_dtype = match dtype {
             OutDtype::F32 => qlora_nf4::Dtype::F32,
             OutDtype::BF16 => qlora_nf4::Dtype::BF16,
         };
-        let mut writer = qlora_nf4::StreamingWriter::create(&tmp.join(".model.safetensors.spool"))?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let reserve = qlora_nf4::st::header_bound(
+            model
+                .tensors
+                .iter()
+                .map(|t| (t.hf_name.as_str(), t.shape.len())),
+            Some(&meta),
+        );
+        let mut writer =
+            qlora_nf4::StreamingWriter::create(&tmp.join("model.safetensors"), reserve)?;
         let mut source_types = BTreeMap::new();
         let mut n_params = 0u64;
         for t in &model.tensors {
@@ -114,9 +124,7 @@ pub fn convert_to_hf(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<Con
             n_params += values.len() as u64;
             writer.add(&t.hf_name, st_dtype, &t.shape, &encode(&values, dtype))?;
         }
-        // transformers writes {"format": "pt"}; some loaders check it.
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        writer.finish(&tmp.join("model.safetensors"), Some(meta))?;
+        writer.finish(Some(meta))?;
         write_json(&tmp.join("config.json"), &model.hparams.config_json(dtype))?;
         write_json(
             &tmp.join("generation_config.json"),
