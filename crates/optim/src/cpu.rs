@@ -185,6 +185,18 @@ impl AdamW {
         })
     }
 
+    /// Global L2 norm of `grads` (finite elements), as the clipping computes it; for logging
+    /// when clipping is off.
+    pub fn grad_norm(&self, grads: &[f32]) -> Result<f32> {
+        self.check_arena("gradient", grads.len())?;
+        let sums = clip::chunk_sumsq(&self.chunks, grads);
+        Ok(clip::total_norm(
+            &self.chunks,
+            &sums,
+            self.layout.tensors().len(),
+        ))
+    }
+
     /// The scalars of the next step at learning rate `lr`.
     pub fn next_scalars(&self, lr: f64, grad_scale: f32) -> Result<StepScalars> {
         if !(lr.is_finite() && lr >= 0.0) {
