@@ -147,7 +147,7 @@ extern "C" __global__ void __launch_bounds__(QLR_ADAMW_THREADS) qlr_adamw_step_f
             if (valid) {
                 if (fin) p[x] = qlr_adamw_param(s, p[x], mo, vo);
                 unsigned q1 = qlr_adamw_quantize(code_s, true, __fdiv_rn(mo, bm));
-                if (signbit(code_s[q1]) != signbit(mo)) q1 = (mo > 0.0f ? q1 + 1u : q1 - 1u) & 255u;
+                if ((signbit(code_s[q1]) != 0) != (signbit(mo) != 0)) q1 = (mo > 0.0f ? q1 + 1u : q1 - 1u) & 255u;
                 c1[x] = (u8)q1;
                 c2[x] = (u8)qlr_adamw_quantize(code_u, false, __fdiv_rn(vo, bv));
             }
