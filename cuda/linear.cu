@@ -45,7 +45,7 @@ __device__ __forceinline__ void load_dense(S* sm, const T* __restrict__ p, long 
                 const int gr = r0 + r, gk = k0 + k;
                 const long long off = (long long)gr * sr + gk;
                 uint4 v = make_uint4(0, 0, 0, 0);
-                if (gr < nrows && gk + 8 <= nk && (off & 7) == 0) {
+                if (gr < nrows && gk + 8 <= nk && (reinterpret_cast<unsigned long long>(p + off) & 15) == 0) {
                     v = *reinterpret_cast<const uint4*>(p + off);
                 } else if (gr < nrows) {
                     bf16* e = reinterpret_cast<bf16*>(&v);
@@ -237,7 +237,7 @@ __device__ void linear_mma(const QlrLinear& L) {
                 if (r >= L.m) continue;
                 bf16* o = out + (long long)r * L.n_out + c;
                 float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
-                if (c + 1 < L.n_out && ((((long long)r * L.n_out + c) & 1) == 0)) {
+                if (c + 1 < L.n_out && (reinterpret_cast<unsigned long long>(o) & 3) == 0) {
                     if (ACC) {
                         const __nv_bfloat162 old = *reinterpret_cast<const __nv_bfloat162*>(o);
                         v0 += __low2float(old);

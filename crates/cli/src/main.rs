@@ -1,10 +1,51 @@
-use clap::Parser;
+//! The `qlora` binary: argument parsing, progress and reporting. No training or format logic
+//! lives here; every subcommand calls a library crate.
 
-/// QLoRA fine-tuning: NF4 4-bit base weights, LoRA adapters, one binary.
+mod bundled;
+mod cmd;
+mod units;
+
+use clap::{Parser, Subcommand};
+
+/// QLoRA fine-tuning in one binary: NF4 4-bit base weights, LoRA adapters, no Python.
 #[derive(Parser)]
-#[command(name = "qlora", version, about)]
-struct Cli {}
+#[command(name = "qlora", version, about, long_about = None)]
+struct Cli {
+    /// Worker threads for CPU work (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Quantize a Hugging Face model directory to the bitsandbytes NF4 4-bit format.
+    Quantize(cmd::quantize::Args),
+    /// Turn a bitsandbytes 4-bit checkpoint back into a plain f32/bf16/f16 checkpoint.
+    Dequantize(cmd::dequantize::Args),
+    /// Per-tensor dtype, shape, quantization state and size; with --against, quantization error.
+    Inspect(cmd::inspect::Args),
+}
 
 fn main() {
-    let _ = Cli::parse();
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+        {
+            eprintln!("error: --threads {n}: {e}");
+            std::process::exit(2);
+        }
+    }
+    let result = match cli.command {
+        Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Dequantize(a) => cmd::dequantize::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

@@ -100,7 +100,7 @@ impl Dtype {
 /// Widen little-endian f32/bf16/f16 bytes to f32. Exact: every bf16 and f16 value is an f32.
 /// Returns None for other dtypes or a byte count that is not a multiple of the element size.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    if bytes.len() % dtype.size() != 0 {
+    if !bytes.len().is_multiple_of(dtype.size()) {
         return None;
     }
     Some(match dtype {

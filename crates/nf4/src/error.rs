@@ -5,7 +5,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Nf4Error {
     #[error("tensor `{tensor}`: element {index} is {value} (NaN/Inf cannot be quantized)")]
-    NonFinite { tensor: String, index: usize, value: f32 },
+    NonFinite {
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
 
     #[error("tensor `{tensor}`: {reason}")]
     BadTensor { tensor: String, reason: String },
@@ -14,19 +18,30 @@ pub enum Nf4Error {
     BadBlocksize(usize),
 
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{}: not a valid safetensors file: {reason}", path.display())]
     BadSafetensors { path: PathBuf, reason: String },
 
     #[error("{}: tensor `{tensor}`: {reason}", path.display())]
-    BadStoredTensor { path: PathBuf, tensor: String, reason: String },
+    BadStoredTensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
 
     #[error("{}: {reason}", path.display())]
     BadJson { path: PathBuf, reason: String },
 
     #[error("{}: key `{key}`: {reason}", path.display())]
-    BadConfig { path: PathBuf, key: String, reason: String },
+    BadConfig {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
 
     #[error("tensor `{0}` not found in the checkpoint")]
     MissingTensor(String),
@@ -39,6 +54,9 @@ pub type Result<T> = std::result::Result<T, Nf4Error>;
 
 impl Nf4Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Nf4Error::Io { path: path.into(), source }
+        Nf4Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

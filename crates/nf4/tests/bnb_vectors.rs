@@ -24,7 +24,9 @@ impl Case {
     }
     fn raw(&self, key: &str) -> (Dtype, Vec<u8>) {
         let st = self.st();
-        let t = st.tensor(key).unwrap_or_else(|_| panic!("{}: no key {key}", self.name));
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("{}: no key {key}", self.name));
         let d = Dtype::from_safetensors_name(&format!("{:?}", t.dtype())).unwrap();
         (d, t.data().to_vec())
     }
@@ -43,7 +45,10 @@ fn cases() -> Vec<Case> {
         .filter_map(|e| {
             let p = e.unwrap().path();
             let name = p.file_name()?.to_str()?.to_string();
-            name.starts_with("nf4_").then(|| Case { bytes: std::fs::read(&p).unwrap(), name })
+            name.starts_with("nf4_").then(|| Case {
+                bytes: std::fs::read(&p).unwrap(),
+                name,
+            })
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -60,7 +65,11 @@ fn quantize_case(c: &Case, double_quant: bool) -> Nf4Tensor {
 fn assert_bits_eq(case: &str, what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{case}: {what} length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.to_bits(), w.to_bits(), "{case}: {what}[{i}]: got {g:e}, want {w:e}");
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "{case}: {what}[{i}]: got {g:e}, want {w:e}"
+        );
     }
 }
 
@@ -73,10 +82,16 @@ fn code_tables_match_bitsandbytes() {
     assert_bits_eq("tables", "nf4", &NF4, &nf4);
     assert_bits_eq("tables", "dynamic", &DYNAMIC_SIGNED, &dynamic);
     use sha2::Digest;
-    let bytes: Vec<u8> = DYNAMIC_SIGNED.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes: Vec<u8> = DYNAMIC_SIGNED
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let digest = sha2::Sha256::digest(&bytes);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(hex, "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c");
+    assert_eq!(
+        hex,
+        "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c"
+    );
 }
 
 #[test]
@@ -84,10 +99,17 @@ fn packed_absmax_dequant_are_bit_exact() {
     for c in cases() {
         let q = quantize_case(&c, false);
         assert_eq!(q.packed, c.u8("packed"), "{}: packed bytes", c.name);
-        let Absmax::F32(absmax) = &q.state.absmax else { unreachable!() };
+        let Absmax::F32(absmax) = &q.state.absmax else {
+            unreachable!()
+        };
         assert_bits_eq(&c.name, "absmax", absmax, &c.f32("absmax_f32"));
         let (dtype, want) = c.raw("dequant");
-        assert_eq!(q.dequantize_bytes(dtype).unwrap(), want, "{}: dequant ({dtype:?})", c.name);
+        assert_eq!(
+            q.dequantize_bytes(dtype).unwrap(),
+            want,
+            "{}: dequant ({dtype:?})",
+            c.name
+        );
     }
 }
 
@@ -97,22 +119,56 @@ fn double_quant_state_matches_up_to_nested_rounding() {
     let mut off_by_one = 0usize;
     for c in cases() {
         let q = quantize_case(&c, true);
-        let Absmax::Double { codes, nested_absmax, offset } = &q.state.absmax else { unreachable!() };
-        assert_eq!(offset.to_bits(), c.f32("dq.offset")[0].to_bits(), "{}: offset", c.name);
-        assert_bits_eq(&c.name, "nested_absmax", nested_absmax, &c.f32("dq.nested_absmax"));
-        assert_bits_eq(&c.name, "nested_code", &DYNAMIC_SIGNED, &c.f32("dq.nested_code"));
+        let Absmax::Double {
+            codes,
+            nested_absmax,
+            offset,
+        } = &q.state.absmax
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            offset.to_bits(),
+            c.f32("dq.offset")[0].to_bits(),
+            "{}: offset",
+            c.name
+        );
+        assert_bits_eq(
+            &c.name,
+            "nested_absmax",
+            nested_absmax,
+            &c.f32("dq.nested_absmax"),
+        );
+        assert_bits_eq(
+            &c.name,
+            "nested_code",
+            &DYNAMIC_SIGNED,
+            &c.f32("dq.nested_code"),
+        );
         let want = c.u8("dq.absmax_q");
         assert_eq!(codes.len(), want.len());
         for (i, (g, w)) in codes.iter().zip(&want).enumerate() {
             let d = (*g as i32 - *w as i32).abs();
-            assert!(d <= 1, "{}: nested code {i}: got {g}, bitsandbytes {w}", c.name);
+            assert!(
+                d <= 1,
+                "{}: nested code {i}: got {g}, bitsandbytes {w}",
+                c.name
+            );
             off_by_one += d as usize;
         }
         total += want.len();
         // Packed bytes do not depend on double quantization.
-        assert_eq!(q.packed, c.u8("packed"), "{}: packed (double quant)", c.name);
+        assert_eq!(
+            q.packed,
+            c.u8("packed"),
+            "{}: packed (double quant)",
+            c.name
+        );
     }
-    assert!(off_by_one * 100 <= total, "{off_by_one} of {total} nested codes differ by one (over 1 %)");
+    assert!(
+        off_by_one * 100 <= total,
+        "{off_by_one} of {total} nested codes differ by one (over 1 %)"
+    );
     eprintln!("nested codes off by one from bitsandbytes' CPU table: {off_by_one} of {total}");
 }
 
@@ -133,8 +189,21 @@ fn dequant_from_bnb_double_quant_state_is_bit_exact() {
                 offset: c.f32("dq.offset")[0],
             },
         };
-        assert_bits_eq(&c.name, "absmax_deq", &state.absmax_f32(), &c.f32("dq.absmax_deq"));
-        let t = Nf4Tensor { packed: c.u8("packed"), state };
-        assert_eq!(t.dequantize_bytes(dtype).unwrap(), want, "{}: dq.dequant", c.name);
+        assert_bits_eq(
+            &c.name,
+            "absmax_deq",
+            &state.absmax_f32(),
+            &c.f32("dq.absmax_deq"),
+        );
+        let t = Nf4Tensor {
+            packed: c.u8("packed"),
+            state,
+        };
+        assert_eq!(
+            t.dequantize_bytes(dtype).unwrap(),
+            want,
+            "{}: dq.dequant",
+            c.name
+        );
     }
 }

@@ -1,0 +1,249 @@
+//! The narrow `Backend` trait the schedule is written against (design §2): one method per op
+//! and direction. Argument order: outputs, saved-for-backward, inputs, weights, dims.
+//! Buffers are backend handles (`Buf`), not a tensor library; shapes travel in the dims
+//! structs. Every buffer in a signature documents its shape (letters in the crate docs).
+
+use crate::error::Result;
+use crate::lora::LoraSlot;
+
+/// A frozen base weight handed to [`Backend::frozen`], `(out, in)` row-major.
+pub enum FrozenWeight {
+    /// Unquantized (f32 widened from f32/bf16/f16): `(out·in,)` f32.
+    Dense(Vec<f32>),
+    /// NF4 blockwise quantized (the source of truth for a 4-bit base).
+    Nf4(qlora_nf4::Nf4Tensor),
+}
+
+/// Dims of a linear op: `x (N, in)`, `y (N, out)`, N = B·T rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearDims {
+    pub n: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// LoRA branch of one linear: A, B (and their gradients) are slices of the adapter arenas.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraArgs<'a> {
+    /// Offsets, rank and scale of A `(R, in)` and B `(out, R)`.
+    pub slot: &'a LoraSlot,
+    /// Dropout on the LoRA input: keep with probability 1-p, scale kept by 1/(1-p); the mask
+    /// is a pure function of (seed, element index), so backward and recompute regenerate it.
+    pub dropout: Option<Dropout>,
+}
+
+/// Dropout probability and mask seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+/// Dims of causal GQA attention. Query rows `(B·Tq, H·D)`; key/value rows `(B·kv_rows, Hkv·D)`
+/// of which the first Tk per batch are valid. Query `i` sits at position `Tk - Tq + i` and sees
+/// keys `0..=Tk-Tq+i` (causal with a KV-cache offset; training has Tq = Tk).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub b: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub kv_rows: usize,
+    pub h: usize,
+    pub hkv: usize,
+    pub d: usize,
+}
+
+/// Dims of RoPE over `x (B·T, heads·D)` whose token `t` is at position `pos_offset + t`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeDims {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub d: usize,
+    pub pos_offset: usize,
+}
+
+/// The ops of one Llama training step, forward and backward. Gradients of frozen weights are
+/// never formed; LoRA (and modules_to_save) gradients ACCUMULATE into the gradient arena.
+pub trait Backend: Sync {
+    /// A buffer of elements in the backend's compute dtype.
+    type Buf: Send + Sync;
+    /// A frozen base linear weight `(out, in)` prepared for this backend.
+    type Frozen: Send + Sync;
+
+    fn name(&self) -> String;
+    /// A zero-filled buffer of `n` elements.
+    fn zeros(&self, n: usize) -> Self::Buf;
+    /// Host f32 → buffer (rounded to the compute dtype).
+    fn upload(&self, host: &[f32]) -> Self::Buf;
+    /// Buffer → host f32.
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Prepare a frozen weight `(out, in)`; `name` is for errors.
+    fn frozen(&self, name: &str, w: FrozenWeight, out: usize, inp: usize) -> Result<Self::Frozen>;
+    /// The frozen weight as f32 `(out·in,)` (NF4: dequantized), for merging.
+    fn frozen_to_f32(&self, w: &Self::Frozen) -> Vec<f32>;
+
+    /// `dst[dst_off..dst_off+n] = src[src_off..src_off+n]`.
+    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, n: usize);
+    /// `dst = 0`.
+    fn zero(&self, dst: &mut Self::Buf);
+    /// Residual add: `dst += src` (same length).
+    fn add_acc(&self, dst: &mut Self::Buf, src: &Self::Buf);
+
+    /// `out (N, C) = table[ids]`, `table (V, C)` at element offset `table_off`.
+    fn embedding_fwd(
+        &self,
+        out: &mut Self::Buf,
+        ids: &[u32],
+        table: &Self::Buf,
+        table_off: usize,
+        c: usize,
+    );
+    /// `d_table[ids[i]] += d_out[i]` into `d_table` at element offset `off`.
+    fn embedding_bwd_acc(
+        &self,
+        d_table: &mut Self::Buf,
+        off: usize,
+        ids: &[u32],
+        d_out: &Self::Buf,
+        c: usize,
+    );
+
+    /// `out (N, C) = x · rstd · w`, `rstd (N,)` saved, `w (C,)`.
+    fn rmsnorm_fwd(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        c: usize,
+        eps: f64,
+    );
+    /// `d_x (N, C)` (overwritten) from `d_out`, the saved `x` and `rstd`; the norm weight is frozen.
+    fn rmsnorm_bwd(
+        &self,
+        d_x: &mut Self::Buf,
+        d_out: &Self::Buf,
+        x: &Self::Buf,
+        rstd: &Self::Buf,
+        w: &Self::Buf,
+        c: usize,
+    );
+
+    /// Rotate `x (B·T, heads·D)` in place; `table (P, D)`: per position, D/2 cos then D/2 sin.
+    fn rope_fwd(&self, x: &mut Self::Buf, table: &Self::Buf, dims: RopeDims);
+    /// The transpose rotation (by −θ) applied to `d_x` in place.
+    fn rope_bwd(&self, d_x: &mut Self::Buf, table: &Self::Buf, dims: RopeDims);
+
+    /// Elements of the attention save buffer for `dims`.
+    fn attention_saved_len(&self, dims: AttnDims) -> usize;
+    /// `out (B·Tq, H·D)`, `saved` (backend-defined, `attention_saved_len`).
+    fn attention_fwd(
+        &self,
+        out: &mut Self::Buf,
+        saved: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        dims: AttnDims,
+    );
+    /// `d_q (B·Tq, H·D)`, `d_k`, `d_v (B·kv_rows, Hkv·D)`, all overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        d_q: &mut Self::Buf,
+        d_k: &mut Self::Buf,
+        d_v: &mut Self::Buf,
+        d_out: &Self::Buf,
+        saved: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        dims: AttnDims,
+    );
+
+    /// `out = silu(gate) ⊙ up`, all `(N, I)`.
+    fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf);
+    /// `d_gate`, `d_up` (overwritten) from `d_out` and the saved `gate`, `up`.
+    fn swiglu_bwd(
+        &self,
+        d_gate: &mut Self::Buf,
+        d_up: &mut Self::Buf,
+        d_out: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    );
+
+    /// `y (N, out) = x·deq(W)ᵀ + bias + S·(drop(x)·Aᵀ)·Bᵀ`; `u (N, R)` = drop(x)·Aᵀ saved for bwd
+    /// (pass `None` for inference). `params` is the adapter arena.
+    #[allow(clippy::too_many_arguments)]
+    fn nf4_lora_linear_fwd(
+        &self,
+        y: &mut Self::Buf,
+        u: Option<&mut Self::Buf>,
+        x: &Self::Buf,
+        w: &Self::Frozen,
+        bias: Option<&Self::Buf>,
+        lora: Option<(&Self::Buf, LoraArgs<'_>)>,
+        dims: LinearDims,
+    );
+    /// `d_x (N, in)` = (or += when `acc_dx`) `d_y·deq(W) + S·((d_y·B)·A) ⊙ mask`;
+    /// `grads` (adapter gradient arena): `dB += S·d_yᵀ·u`, `dA += S·(d_y·B)ᵀ·drop(x)`.
+    #[allow(clippy::too_many_arguments)]
+    fn nf4_lora_linear_bwd(
+        &self,
+        d_x: Option<&mut Self::Buf>,
+        acc_dx: bool,
+        grads: Option<&mut Self::Buf>,
+        d_y: &Self::Buf,
+        x: &Self::Buf,
+        u: Option<&Self::Buf>,
+        w: &Self::Frozen,
+        lora: Option<(&Self::Buf, LoraArgs<'_>)>,
+        dims: LinearDims,
+    );
+
+    /// A trainable dense linear (modules_to_save `lm_head`): `y (N, out) = x·Wᵀ`, W `(out, in)`
+    /// at element offset `w_off` of the adapter arena `params`.
+    fn dense_linear_fwd(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        w_off: usize,
+        dims: LinearDims,
+    );
+    /// `d_x = d_y·W` (overwritten), `dW += d_yᵀ·x` into `grads` at `w_off`.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_linear_bwd(
+        &self,
+        d_x: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        d_y: &Self::Buf,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        w_off: usize,
+        dims: LinearDims,
+    );
+
+    /// Per-row cross entropy of `logits (N, V)` against `targets (N,)` (-100 = ignored):
+    /// `lse (N,)` saved; returns (Σ loss over non-ignored rows in f64, count).
+    fn cross_entropy_fwd(
+        &self,
+        lse: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &[i32],
+        v: usize,
+    ) -> (f64, usize);
+    /// `d_logits (N, V) = scale·(softmax(logits) − onehot(target))`, zero on ignored rows;
+    /// written in place over `logits` (the logits are dead after this).
+    fn cross_entropy_bwd(
+        &self,
+        logits_to_d: &mut Self::Buf,
+        lse: &Self::Buf,
+        targets: &[i32],
+        v: usize,
+        scale: f64,
+    );
+}
