@@ -8,6 +8,29 @@ use crate::{Dtype, Nf4Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+/// Defines `fn $name` that runs `$imp` compiled with AVX2 enabled when the CPU has it (checked
+/// at run time), else the baseline build: the hot loops are written to auto-vectorize, and
+/// AVX2's 8-lane compares roughly double their speed over the x86-64 baseline's SSE2.
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* fn $name:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $imp:ident) => {
+        $(#[$m])*
+        fn $name $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $imp($($arg),*)
+        }
+    };
+}
+
 /// QB2: block size of the double quantization of the absmax vector.
 pub const NESTED_BLOCKSIZE: usize = 256;
 
@@ -359,30 +382,14 @@ impl Dequant for f16 {
     }
 }
 
-/// Dequantize the blocks of one task, with an AVX2 build of the same code where available.
-fn dequantize_task<T: Dequant>(
-    out: &mut [std::mem::MaybeUninit<T>],
-    bytes: &[u8],
-    scales: &[f32],
-    bs: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { dequantize_task_avx2(out, bytes, scales, bs) };
-    }
-    dequantize_task_impl(out, bytes, scales, bs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dequantize_task_avx2<T: Dequant>(
-    out: &mut [std::mem::MaybeUninit<T>],
-    bytes: &[u8],
-    scales: &[f32],
-    bs: usize,
-) {
-    dequantize_task_impl(out, bytes, scales, bs)
+avx2_dispatch! {
+    /// Dequantize the blocks of one task.
+    fn dequantize_task<T: Dequant>(
+        out: &mut [std::mem::MaybeUninit<T>],
+        bytes: &[u8],
+        scales: &[f32],
+        bs: usize
+    ) => dequantize_task_impl
 }
 
 #[inline(always)]
@@ -457,36 +464,17 @@ fn element(x: FloatData<'_>, index: usize) -> f32 {
     v[0]
 }
 
-/// Quantize the blocks of one task (elements `first..` covering `scales.len()` blocks). On a
-/// non-finite input returns the global index of the first one. Dispatches at run time to an
-/// AVX2 build of the same code where the CPU has it (the loops below are written to vectorize).
-fn quantize_task(
-    x: FloatData<'_>,
-    first: usize,
-    blocksize: usize,
-    scratch: &mut Scratch,
-    bytes: &mut [u8],
-    scales: &mut [f32],
-) -> std::result::Result<(), usize> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { quantize_task_avx2(x, first, blocksize, scratch, bytes, scales) };
-    }
-    quantize_task_impl(x, first, blocksize, scratch, bytes, scales)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_task_avx2(
-    x: FloatData<'_>,
-    first: usize,
-    blocksize: usize,
-    scratch: &mut Scratch,
-    bytes: &mut [u8],
-    scales: &mut [f32],
-) -> std::result::Result<(), usize> {
-    quantize_task_impl(x, first, blocksize, scratch, bytes, scales)
+avx2_dispatch! {
+    /// Quantize the blocks of one task (elements `first..` covering `scales.len()` blocks). On a
+    /// non-finite input returns the global index of the first one.
+    fn quantize_task(
+        x: FloatData<'_>,
+        first: usize,
+        blocksize: usize,
+        scratch: &mut Scratch,
+        bytes: &mut [u8],
+        scales: &mut [f32]
+    ) -> std::result::Result<(), usize> => quantize_task_impl
 }
 
 #[inline(always)]
