@@ -19,7 +19,7 @@ fn values(n: usize, seed: u64, zero_block: Option<(usize, usize)>) -> Vec<f32> {
                 return 0.0;
             }
             let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            if s % 97 == 0 {
+            if s.is_multiple_of(97) {
                 u * 3.0
             } else {
                 u * 0.05
@@ -129,7 +129,7 @@ fn dequantize_rounds_once_to_each_dtype() {
         t.dequantize_into(&mut into).unwrap();
         assert_eq!(into, bf);
         assert!(
-            t.dequantize_into(&mut vec![0f32; 3]).is_err(),
+            t.dequantize_into(&mut [0f32; 3]).is_err(),
             "wrong output length is an error"
         );
         assert_eq!(matches!(t.state.absmax, Absmax::Double { .. }), dq);
