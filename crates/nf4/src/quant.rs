@@ -332,6 +332,7 @@ impl Nf4Tensor {
     fn dequantize_vec<T: Dequant>(&self) -> Vec<T> {
         let n = self.numel();
         let mut out: Vec<T> = Vec::with_capacity(n);
+        advise_huge_pages(out.spare_capacity_mut());
         self.dequantize_uninit(&mut out.spare_capacity_mut()[..n]);
         // SAFETY: dequantize_uninit wrote all n elements.
         unsafe { out.set_len(n) };
@@ -354,6 +355,25 @@ impl Nf4Tensor {
                 dequantize_task(chunk, bytes, scales, bs);
             });
     }
+}
+
+/// Ask the kernel to back a large fresh buffer with transparent huge pages (as PyTorch's CPU
+/// allocator does): first-touch page faults otherwise dominate dequantizing into a new buffer.
+/// Advice only; failure (no THP, small or misaligned buffer) changes nothing.
+fn advise_huge_pages<T>(buf: &mut [std::mem::MaybeUninit<T>]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (a, b) = (start.div_ceil(HUGE) * HUGE, end / HUGE * HUGE);
+        if b > a {
+            // SAFETY: [a, b) lies inside `buf`'s allocation; MADV_HUGEPAGE changes no contents.
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }
 
 /// Output element types of dequantization: f32 (exact), bf16 and f16 (one rounding).
