@@ -82,8 +82,7 @@ __device__ __forceinline__ unsigned qlr_adamw_quantize(const float* code, bool s
     return x < mid ? lower_pivot : pivot;
 }
 
-extern "C" __global__ void __launch_bounds__(QLR_ADAMW_THREADS)
-qlr_adamw_step_f32(float* __restrict__ params, QlrAdamwState st, unsigned long long* __restrict__ nonfinite,
+extern "C" __global__ void __launch_bounds__(QLR_ADAMW_THREADS) qlr_adamw_step_f32(float* __restrict__ params, QlrAdamwState st, unsigned long long* __restrict__ nonfinite,
                    const float* __restrict__ grads, const QlrAdamwChunk* __restrict__ chunks,
                    const float* __restrict__ maps,  // (512,) f32: signed map, then unsigned map
                    const float* __restrict__ clip,  // (2,) f32 {coef, norm} from sumsq, or nullptr
@@ -148,7 +147,7 @@ qlr_adamw_step_f32(float* __restrict__ params, QlrAdamwState st, unsigned long l
             if (valid) {
                 if (fin) p[x] = qlr_adamw_param(s, p[x], mo, vo);
                 unsigned q1 = qlr_adamw_quantize(code_s, true, __fdiv_rn(mo, bm));
-                if (signbit(code_s[q1]) != signbit(mo)) q1 = (mo > 0.0f ? q1 + 1u : q1 - 1u) & 255u;
+                if ((signbit(code_s[q1]) != 0) != (signbit(mo) != 0)) q1 = (mo > 0.0f ? q1 + 1u : q1 - 1u) & 255u;
                 c1[x] = (u8)q1;
                 c2[x] = (u8)qlr_adamw_quantize(code_u, false, __fdiv_rn(vo, bv));
             }
@@ -174,8 +173,7 @@ __device__ __forceinline__ double qlr_adamw_block_sum_f64(double v, double* scra
     return t;  // valid in thread 0
 }
 
-extern "C" __global__ void __launch_bounds__(QLR_ADAMW_THREADS)
-qlr_adamw_sumsq_f32(double* __restrict__ partials,   // (n_chunks,) f64 scratch
+extern "C" __global__ void __launch_bounds__(QLR_ADAMW_THREADS) qlr_adamw_sumsq_f32(double* __restrict__ partials,   // (n_chunks,) f64 scratch
                     float* __restrict__ clip,        // (2,) f32 out: {coef, total norm}
                     unsigned* __restrict__ done,     // (1,) u32 block counter, 0 on entry, 0 on exit
                     const float* __restrict__ grads, const QlrAdamwChunk* __restrict__ chunks,
@@ -205,7 +203,8 @@ qlr_adamw_sumsq_f32(double* __restrict__ partials,   // (n_chunks,) f64 scratch
     double sq = 0.0;
     for (int t = x; t < n_tensors; t += QLR_ADAMW_THREADS) {
         double s = 0.0;
-        for (unsigned c = tensor_first_chunk[t]; c < tensor_first_chunk[t + 1]; ++c) s += partials[c];
+        // __ldcg: other blocks wrote these; read through L2, never a stale L1 line.
+        for (unsigned c = tensor_first_chunk[t]; c < tensor_first_chunk[t + 1]; ++c) s += __ldcg(&partials[c]);
         const double n = (double)(float)sqrt(s);
         sq += n * n;
     }

@@ -96,18 +96,20 @@ pub fn convert_to_hf(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<Con
 
     let result = (|| -> Result<ConvertSummary> {
         // One tensor in memory at a time: each is dequantized, encoded and appended behind a
-        // header region reserved for every planned tensor; the header is written at the end.
+        // header region reserved from the (known) names and ranks; the header is filled in at
+        // the end. transformers writes {"format": "pt"}; some loaders check it.
         let st_dtype = match dtype {
             OutDtype::F32 => qlora_nf4::Dtype::F32,
             OutDtype::BF16 => qlora_nf4::Dtype::BF16,
         };
-        // transformers writes {"format": "pt"}; some loaders check it.
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let planned = model
-            .tensors
-            .iter()
-            .map(|t| (t.hf_name.as_str(), t.shape.len()));
-        let reserve = qlora_nf4::st::header_bound(planned, Some(&meta));
+        let reserve = qlora_nf4::st::header_bound(
+            model
+                .tensors
+                .iter()
+                .map(|t| (t.hf_name.as_str(), t.shape.len())),
+            Some(&meta),
+        );
         let mut writer =
             qlora_nf4::StreamingWriter::create(&tmp.join("model.safetensors"), reserve)?;
         let mut source_types = BTreeMap::new();

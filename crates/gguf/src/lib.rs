@@ -19,5 +19,5 @@ pub use convert::{convert_to_hf, ConvertSummary};
 pub use dequant::GgmlType;
 pub use error::{GgufError, Result};
 pub use hf::{GgufModel, HfTensor, LlamaHparams, OutDtype};
-pub use reader::{GgufFile, TensorInfo, Value, ValueType};
+pub use reader::{is_gguf, GgufFile, TensorInfo, Value, ValueType};
 pub use tokenizer::{build_tokenizer, TokenizerFiles};

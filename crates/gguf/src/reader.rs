@@ -285,6 +285,18 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Whether `path` is a file that starts with the GGUF magic (for callers that accept either a
+/// GGUF file or a model directory). Unreadable paths are not GGUF.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
+}
+
 impl GgufFile {
     /// Map and parse `path`; validates the header, every metadata entry and every tensor
     /// entry (offset alignment, sizes of supported types within the file, no duplicates).

@@ -252,7 +252,19 @@ pub fn build_tokenizer(f: &GgufFile) -> Result<TokenizerFiles> {
                 .map(|(i, m)| {
                     let first = m.chars().next().map(char::len_utf8).unwrap_or(0);
                     match m[first..].find(' ') {
-                        Some(p) => Ok(json!([&m[..first + p], &m[first + p + 1..]])),
+                        Some(p) => {
+                            let (l, r) = (&m[..first + p], &m[first + p + 1..]);
+                            // tokenizers refuses to load a merge whose parts are not tokens;
+                            // say which one here instead.
+                            if !ids.contains_key(l) || !ids.contains_key(r) {
+                                return Err(GgufError::Metadata {
+                                    path: path.clone(),
+                                    key: "tokenizer.ggml.merges".into(),
+                                    reason: format!("merge {i} ({m:?}) joins a string that is not a token"),
+                                });
+                            }
+                            Ok(json!([l, r]))
+                        }
                         None => Err(GgufError::Metadata {
                             path: path.clone(),
                             key: "tokenizer.ggml.merges".into(),

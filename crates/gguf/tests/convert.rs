@@ -499,6 +499,17 @@ fn refusals_name_what_is_refused_and_write_nothing() {
     assert!(matches!(err, GgufError::Tokenizer { .. }), "{err}");
     assert!(err.to_string().contains("qwen2"), "{err}");
 
+    let err = case("merge", &|w| {
+        let m = w
+            .metadata
+            .iter_mut()
+            .find(|(k, _)| k == "tokenizer.ggml.merges");
+        if let Some((_, Value::Array(_, items))) = m {
+            items.push(Value::String("zq xw".into()));
+        }
+    });
+    assert!(err.to_string().contains("\"zq xw\""), "{err}");
+
     let err = case("rope", &|w| {
         w.kv("llama.rope.scaling.type", Value::String("yarn".into()));
     });

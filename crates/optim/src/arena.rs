@@ -118,6 +118,23 @@ impl ArenaLayout {
         Ok(ArenaLayout { tensors, len })
     }
 
+    /// From `(name, element range)` pairs in arena order, e.g. `qlora_train`'s
+    /// `AdapterLayout::tensors()` (unaligned, contiguous offsets are fine).
+    pub fn from_ranges<S: Into<String>>(
+        tensors: impl IntoIterator<Item = (S, std::ops::Range<usize>)>,
+        len: usize,
+    ) -> Result<ArenaLayout> {
+        let specs = tensors
+            .into_iter()
+            .map(|(name, r)| TensorSpec {
+                name: name.into(),
+                offset: r.start,
+                numel: r.end.saturating_sub(r.start),
+            })
+            .collect();
+        ArenaLayout::from_specs(specs, len)
+    }
+
     /// The tensors, in arena order.
     pub fn tensors(&self) -> &[TensorSpec] {
         &self.tensors
@@ -364,6 +381,14 @@ mod tests {
         assert_eq!(o, vec![0, 64, 64 + 4160]);
         assert_eq!(l.len(), 64 + 4160 + 64);
         assert_eq!(l.numel(), 1 + 4097 + 64);
+    }
+
+    #[test]
+    fn from_ranges_keeps_unaligned_offsets() {
+        let l = ArenaLayout::from_ranges([("a", 0..3usize), ("b", 3..10)], 10).unwrap();
+        assert_eq!(l.tensors()[1].offset, 3);
+        assert_eq!(l.numel(), 10);
+        assert!(ArenaLayout::from_ranges([("a", 0..3usize), ("b", 2..10)], 10).is_err());
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub struct BlockState<'a> {
 
 /// Updates one block in place. `p`, `g` and the codes have the block's valid length (≤ 256).
 /// Returns the number of non-finite gradient elements (left unchanged).
+#[inline(always)]
 pub fn update_block(
     s: &StepScalars,
     maps: &Maps,

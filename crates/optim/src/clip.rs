@@ -45,12 +45,13 @@ pub fn chunk_sumsq(chunks: &[Chunk], grads: &[f32]) -> Vec<f64> {
         .map(|c| {
             let a = c.param_offset as usize;
             let g = &grads[a..a + c.len as usize];
+            // Accumulator x sees elements x, x+256, … in increasing order, exactly as GPU
+            // thread x; walking rows of 256 keeps the memory access sequential.
             let mut acc = [0f64; THREADS as usize];
-            for (x, slot) in acc.iter_mut().enumerate() {
-                for &v in g.iter().skip(x).step_by(THREADS as usize) {
-                    if v.is_finite() {
-                        *slot += (v as f64) * (v as f64);
-                    }
+            for row in g.chunks(THREADS as usize) {
+                for (slot, &v) in acc.iter_mut().zip(row) {
+                    let v = if v.is_finite() { v as f64 } else { 0.0 };
+                    *slot += v * v;
                 }
             }
             block_sum(&acc)

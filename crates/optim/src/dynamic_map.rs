@@ -150,48 +150,40 @@ pub fn create_dynamic_map(signed: bool) -> [f32; 256] {
 
 /// bitsandbytes' `quantize_2D<SIGNED>` (csrc/kernels.cu), the quantizer of the 8-bit optimizer
 /// state: a 7-step binary search over the sorted 256-entry `code` starting at index 127, then a
-/// choice between the last pivot and its neighbour by the f32 midpoint `(a + b) * 0.5`. Ties go
+/// choice between the final pivot and its neighbour by the f32 midpoint `(a + b) * 0.5`. Ties go
 /// to the final (even) pivot. The search's initial brackets are `lower = -1` (signed) or `0`
 /// (unsigned) and `upper = 1`, not `code[0]`/`code[255]`, exactly as in the kernel. A NaN input
 /// (0/0 from an all-zero block) fails every comparison and returns index 0.
 ///
-/// The kernel reads the first level from `quadrants = {code[63], code[127], code[191]}`, which
-/// are the same values `code[pivot]` gives; this port indexes `code` directly.
+/// Written with the search as index selects (no data-dependent branches in the loop): the
+/// compared pivots are the odd indices of an implicit search tree, so the final (even) pivot's
+/// bracketing pivots are its neighbours `p − 1` and `p + 1`, except at the ends where the kernel's
+/// initial brackets (index 0 / 255, values `lower`/`1.0`) remain. `cuda/adamw.cu` runs the
+/// kernel's literal loop; the tests check this form against that literal port on every code
+/// value, every midpoint ± 2 ulp, a dense sweep and NaN.
+#[inline(always)]
 pub fn quantize_2d(code: &[f32; 256], signed: bool, x: f32) -> u8 {
-    let mut pivot: i32 = 127;
-    let mut upper_pivot: i32 = 255;
-    let mut lower_pivot: i32 = 0;
-    let mut lower: f32 = if signed { -1.0 } else { 0.0 };
-    let mut upper: f32 = 1.0;
-    let mut val = code[127];
-    let mut i = 64;
-    while i > 0 {
-        if x > val {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += i;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= i;
-        }
-        val = code[pivot as usize];
-        i >>= 1;
+    let mut p = 127usize;
+    for i in [64usize, 32, 16, 8, 4, 2, 1] {
+        p = if x > code[p] { p + i } else { p - i };
     }
+    let val = code[p];
     if x > val {
+        let (up, upper) = if p == 254 {
+            (255, 1.0)
+        } else {
+            (p + 1, code[p + 1])
+        };
         let midpoint = (upper + val) * 0.5;
-        if x > midpoint {
-            upper_pivot as u8
-        } else {
-            pivot as u8
-        }
+        (if x > midpoint { up } else { p }) as u8
     } else {
-        let midpoint = (lower + val) * 0.5;
-        if x < midpoint {
-            lower_pivot as u8
+        let (lo, lower) = if p == 0 {
+            (0, if signed { -1.0 } else { 0.0 })
         } else {
-            pivot as u8
-        }
+            (p - 1, code[p - 1])
+        };
+        let midpoint = (lower + val) * 0.5;
+        (if x < midpoint { lo } else { p }) as u8
     }
 }
 
@@ -219,6 +211,90 @@ pub fn quantize_v(code: &[f32; 256], s2: f32, absmax: f32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel's loop, line for line (the oracle of `quantize_2d`).
+    fn quantize_2d_literal(code: &[f32; 256], signed: bool, x: f32) -> u8 {
+        let mut pivot: i32 = 127;
+        let mut upper_pivot: i32 = 255;
+        let mut lower_pivot: i32 = 0;
+        let mut lower: f32 = if signed { -1.0 } else { 0.0 };
+        let mut upper: f32 = 1.0;
+        let mut val = code[127];
+        let mut i = 64;
+        while i > 0 {
+            if x > val {
+                lower_pivot = pivot;
+                lower = val;
+                pivot += i;
+            } else {
+                upper_pivot = pivot;
+                upper = val;
+                pivot -= i;
+            }
+            val = code[pivot as usize];
+            i >>= 1;
+        }
+        if x > val {
+            let midpoint = (upper + val) * 0.5;
+            if x > midpoint {
+                upper_pivot as u8
+            } else {
+                pivot as u8
+            }
+        } else {
+            let midpoint = (lower + val) * 0.5;
+            if x < midpoint {
+                lower_pivot as u8
+            } else {
+                pivot as u8
+            }
+        }
+    }
+
+    #[test]
+    fn select_form_equals_the_kernels_literal_loop() {
+        let next = |x: f32, k: i32| {
+            let b = x.to_bits() as i32;
+            // step k ulps along the real line
+            let y = if x >= 0.0 { b + k } else { b - k };
+            f32::from_bits(y as u32)
+        };
+        for (signed, code) in [(true, dynamic_signed()), (false, dynamic_unsigned())] {
+            let mut xs = vec![
+                f32::NAN,
+                0.0,
+                -0.0,
+                1.0,
+                -1.0,
+                1.5,
+                -1.5,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+            ];
+            for k in 0..256 {
+                for d in -2..=2 {
+                    xs.push(next(code[k], d));
+                }
+                if k < 255 {
+                    let mid = (code[k] + code[k + 1]) * 0.5;
+                    for d in -2..=2 {
+                        xs.push(next(mid, d));
+                    }
+                }
+            }
+            let n = 1_000_000;
+            for j in 0..=n {
+                xs.push(-1.0 + 2.0 * j as f32 / n as f32);
+            }
+            for x in xs {
+                assert_eq!(
+                    quantize_2d(&code, signed, x),
+                    quantize_2d_literal(&code, signed, x),
+                    "signed={signed} x={x:e}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn derivation_reproduces_the_embedded_tables_bit_for_bit() {
@@ -282,6 +358,25 @@ mod tests {
             }
         }
         best as u8
+    }
+
+    /// Every f32 in [-1, 1] (what `m / absmax`, `v / absmax` can be), both maps. Run with
+    /// `cargo test --release -p qlora-optim -- --ignored exhaustive` (a few minutes); it passed
+    /// when `quantize_2d` took its select form.
+    #[test]
+    #[ignore = "exhaustive over 2^31 inputs; run in release"]
+    fn exhaustive_select_form_equals_literal() {
+        for (signed, code) in [(true, dynamic_signed()), (false, dynamic_unsigned())] {
+            for bits in 0..=1.0f32.to_bits() {
+                for x in [f32::from_bits(bits), -f32::from_bits(bits)] {
+                    assert_eq!(
+                        quantize_2d(&code, signed, x),
+                        quantize_2d_literal(&code, signed, x),
+                        "signed={signed} x={x:e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -85,6 +85,22 @@ mod tests {
     }
 
     #[test]
+    fn kernel_argument_structs_have_the_cuda_layout() {
+        // cuda/adamw.cu: QlrAdamwScalars is 12 four-byte fields, QlrAdamwChunk two u64 and four
+        // u32; both are passed/read as raw bytes.
+        assert_eq!(std::mem::size_of::<crate::StepScalars>(), 48);
+        assert_eq!(std::mem::align_of::<crate::StepScalars>(), 4);
+        assert_eq!(std::mem::size_of::<crate::Chunk>(), 32);
+        assert_eq!(std::mem::align_of::<crate::Chunk>(), 8);
+        let src = include_str!("../../../cuda/adamw.cu");
+        assert!(src.contains("unsigned long long param_offset, state_offset;"));
+        assert!(src.contains("unsigned len, kind, block, tensor;"));
+        assert!(src.contains(
+            "float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, wd_factor;"
+        ));
+    }
+
+    #[test]
     fn threads_cover_each_chunk_element_once() {
         for (kind, len) in [
             (0u32, 2048u32),

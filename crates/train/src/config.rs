@@ -425,7 +425,7 @@ impl ModelConfig {
                     .map(|&f| {
                         let wl = 2.0 * std::f64::consts::PI / f;
                         let scaled = if wl > low_wl { f / factor } else { f };
-                        let medium = !(wl < high_wl) && !(wl > low_wl);
+                        let medium = wl >= high_wl && wl <= low_wl;
                         if medium {
                             let smooth =
                                 (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);

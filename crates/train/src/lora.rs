@@ -207,7 +207,7 @@ impl LoraConfig {
                 })?
                 .is_match(&key),
             TargetModules::List(list) => {
-                if list.iter().any(|t| *t == key) {
+                if list.contains(&key) {
                     true
                 } else {
                     let found = list.iter().any(|t| key.ends_with(&format!(".{t}")));
@@ -924,7 +924,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -780,9 +780,9 @@ pub fn forward_logits<B: Backend>(
     input_ids: &[u32],
     b: usize,
     t: usize,
-    mut cache: Option<&mut KvCache<B>>,
+    cache: Option<&mut KvCache<B>>,
 ) -> Result<B::Buf> {
-    let h = forward_hidden(be, model, adapter, input_ids, b, t, cache.as_deref_mut())?;
+    let h = forward_hidden(be, model, adapter, input_ids, b, t, cache)?;
     let (n, c) = (b * t, model.config.hidden_size);
     let mut xf = be.zeros(n * c);
     let mut rstd = be.zeros(n);

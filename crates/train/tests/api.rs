@@ -466,3 +466,67 @@ fn eval_jsonl_and_logit_dump() {
         .to_string()
         .contains(":2: invalid JSON"));
 }
+
+/// A bf16 checkpoint split into two shards with an index loads (dense and quantized on load)
+/// and gives the logits of the f32 model run on bf16-rounded weights.
+#[test]
+fn sharded_bf16_checkpoint_loads() {
+    use qlora_nf4::{from_f32, write_safetensors, Dtype, ModelWeights};
+    let src = ModelWeights::open(&fixture("tiny-llama")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string(fixture("tiny-llama/config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"float32\"", "\"bfloat16\""),
+    )
+    .unwrap();
+    let names = src.names();
+    let mut map = serde_json::Map::new();
+    let mut rounded = MapSource::default();
+    for (shard, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+        let mut tensors = Vec::new();
+        for n in part {
+            let (_, shape) = src.info(n).unwrap();
+            let v: Vec<f32> = src
+                .get_f32(n)
+                .unwrap()
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect();
+            tensors.push((
+                n.clone(),
+                Dtype::BF16,
+                shape.clone(),
+                from_f32(Dtype::BF16, &v).unwrap(),
+            ));
+            rounded.tensors.insert(n.clone(), (shape, v));
+            map.insert(n.clone(), serde_json::json!(file));
+        }
+        write_safetensors(&dir.path().join(&file), &tensors, None).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let be = CpuBackend::<f32>::new();
+    let sharded = Model::load(&be, dir.path(), BaseFormat::Dense).unwrap();
+    assert_eq!(sharded.config.dtype.as_deref(), Some("bfloat16"));
+    let reference =
+        Model::from_source(&be, sharded.config.clone(), &rounded, BaseFormat::Dense).unwrap();
+    let ids: Vec<u32> = (0..10).map(|i| i * 31 % 320).collect();
+    let a = forward_logits(&be, &sharded, None, &ids, 1, 10, None).unwrap();
+    let b = forward_logits(&be, &reference, None, &ids, 1, 10, None).unwrap();
+    assert_eq!(a, b);
+    let q = Model::load(&be, dir.path(), BaseFormat::QLORA).unwrap();
+    assert!(q.nf4_base);
+    let nf4 = q.layers[0].proj[0].w.nf4.as_ref().unwrap();
+    assert_eq!(
+        nf4.state.dtype,
+        qlora_nf4::Dtype::BF16,
+        "QuantState keeps the original dtype"
+    );
+}

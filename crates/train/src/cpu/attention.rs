@@ -69,8 +69,10 @@ pub fn fwd<T: Real>(out: &mut [T], saved: &mut [T], q: &[T], k: &[T], v: &[T], d
                     .fold(T::neg_infinity(), |a, &x| a.max(x));
                 let mut s = T::zero();
                 for x in &mut row[..valid] {
-                    *x = (*x - m).exp();
-                    s = s + *x;
+                    *x = (*x - m).exp_v();
+                }
+                for &x in &row[..valid] {
+                    s = s + x;
                 }
                 let inv = T::one() / s;
                 row[..valid].iter_mut().for_each(|x| *x = *x * inv);

@@ -20,7 +20,7 @@ pub fn fwd<T: Real>(lse: &mut [T], logits: &[T], targets: &[i32], v: usize) -> (
         .zip(targets)
         .map(|((l, x), &t)| {
             let m = x.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-            let s: T = x.iter().map(|&xi| (xi - m).exp()).sum();
+            let s = sum_exp(x, m);
             *l = m + s.ln();
             if t == IGNORE_INDEX {
                 0.0
@@ -44,8 +44,26 @@ pub fn bwd<T: Real>(logits_to_d: &mut [T], lse: &[T], targets: &[i32], v: usize,
             if t == IGNORE_INDEX {
                 x.iter_mut().for_each(|e| *e = T::zero());
             } else {
-                x.iter_mut().for_each(|e| *e = sc * (*e - l).exp());
+                x.iter_mut().for_each(|e| *e = sc * (*e - l).exp_v());
                 x[t as usize] = x[t as usize] - sc;
             }
         });
+}
+
+/// `Σ exp(x_i − m)` with eight partial sums (a reduction order LLVM may vectorize; the
+/// rounding differs from a serial sum by a few ulps of the total).
+fn sum_exp<T: Real>(x: &[T], m: T) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] = acc[j] + (c[j] - m).exp_v();
+        }
+    }
+    let mut s = acc.iter().fold(T::zero(), |a, &b| a + b);
+    for &xi in rest {
+        s = s + (xi - m).exp_v();
+    }
+    s
 }

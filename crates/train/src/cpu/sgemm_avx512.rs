@@ -109,14 +109,14 @@ pub unsafe fn sgemm(
     let per = per.clamp(NR, NC);
     let chunks: Vec<(usize, usize)> = (0..n).step_by(per).map(|j| (j, per.min(n - j))).collect();
     let run = |&(j0, nc): &(usize, usize)| {
-        let cp = cp;
+        let c = cp.get();
         // SAFETY: each chunk touches columns j0..j0+nc of C only.
         unsafe {
             block(
                 m,
                 nc,
                 k,
-                cp.0.add(j0),
+                c.add(j0),
                 c_rs,
                 acc,
                 am,

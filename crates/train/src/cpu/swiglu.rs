@@ -10,7 +10,7 @@ const CHUNK: usize = 8192;
 
 #[inline]
 fn sigmoid<T: Real>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
+    T::one() / (T::one() + (-x).exp_v())
 }
 
 /// `out (N, I) = silu(gate) ⊙ up`.
