@@ -19,8 +19,8 @@ use super::SendPtr;
 const MR: usize = 12;
 const NR: usize = 32;
 const KC: usize = 256;
-const MC: usize = 96;
-const NC: usize = 2048;
+const MC: usize = 516;
+const NC: usize = 8192;
 
 /// Does this CPU run the AVX-512 kernel? (`QLORA_NO_AVX512=1` forces the `gemm` crate, to
 /// compare the two.)
