@@ -112,9 +112,12 @@ fn main() {
     }
     // A synthetic Llama-shaped ~1B checkpoint: hidden 2048, intermediate 5632, 22 layers,
     // vocab 32000 (TinyLlama-1.1B's shape), bf16, on disk in shards of ≤ 2 GB.
+    // The synthetic model is deterministic; it is kept under target/ between runs (2.2 GB).
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    std::fs::create_dir(&model).unwrap();
+    let model =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-synthetic-1b");
+    let cached = model.join("model.safetensors.index.json").exists();
+    std::fs::create_dir_all(&model).unwrap();
     let (c, i, l, v, heads, kv) = (2048usize, 5632usize, 22usize, 32000usize, 32usize, 4usize);
     let d = c / heads;
     let cfg = serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c, "intermediate_size": i,
@@ -152,48 +155,62 @@ fn main() {
         .max()
         .unwrap();
     let t = Instant::now();
-    let mut shard = Vec::new();
-    let mut shard_bytes = 0usize;
-    let mut files = Vec::new();
-    let mut weight_map = serde_json::Map::new();
-    let flush = |shard: &mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
-                 files: &mut Vec<String>,
-                 weight_map: &mut serde_json::Map<String, serde_json::Value>| {
-        let name = format!("model-{:05}.safetensors", files.len() + 1);
-        qlora_nf4::write_safetensors(&model.join(&name), shard, None).unwrap();
-        for t in shard.iter() {
-            weight_map.insert(t.0.clone(), name.clone().into());
+    if !cached {
+        let mut shard = Vec::new();
+        let mut shard_bytes = 0usize;
+        let mut files: Vec<String> = Vec::new();
+        let mut weight_map = serde_json::Map::new();
+        let flush =
+            |shard: &mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+             files: &mut Vec<String>,
+             weight_map: &mut serde_json::Map<String, serde_json::Value>| {
+                let name = format!("model-{:05}.safetensors", files.len() + 1);
+                qlora_nf4::write_safetensors(&model.join(&name), shard, None).unwrap();
+                for t in shard.iter() {
+                    weight_map.insert(t.0.clone(), name.clone().into());
+                }
+                files.push(name);
+                shard.clear();
+            };
+        for (k, (name, shape)) in shapes.iter().enumerate() {
+            let numel: usize = shape.iter().product();
+            let data = if name.contains("norm") {
+                bf16::ONE.to_bits().to_le_bytes().repeat(numel)
+            } else {
+                synthetic_bf16(numel, k as u64 + 7)
+            };
+            shard_bytes += data.len();
+            shard.push((name.clone(), Dtype::BF16, shape.clone(), data));
+            if shard_bytes > 2_000_000_000 {
+                flush(&mut shard, &mut files, &mut weight_map);
+                shard_bytes = 0;
+            }
         }
-        files.push(name);
-        shard.clear();
-    };
-    for (k, (name, shape)) in shapes.iter().enumerate() {
-        let numel: usize = shape.iter().product();
-        let data = if name.contains("norm") {
-            bf16::ONE.to_bits().to_le_bytes().repeat(numel)
-        } else {
-            synthetic_bf16(numel, k as u64 + 7)
-        };
-        shard_bytes += data.len();
-        shard.push((name.clone(), Dtype::BF16, shape.clone(), data));
-        if shard_bytes > 2_000_000_000 {
-            flush(&mut shard, &mut files, &mut weight_map);
-            shard_bytes = 0;
-        }
+        flush(&mut shard, &mut files, &mut weight_map);
+        std::fs::write(
+            model.join("model.safetensors.index.json"),
+            serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+        )
+        .unwrap();
     }
-    flush(&mut shard, &mut files, &mut weight_map);
-    std::fs::write(
-        model.join("model.safetensors.index.json"),
-        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
-    )
-    .unwrap();
+    let files: Vec<_> = std::fs::read_dir(&model)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "safetensors")
+        })
+        .collect();
     println!("\n# quantize_model_dir: synthetic {:.2} B-param bf16 checkpoint ({} shards, written in {:.1} s), largest tensor {:.0} MB", total as f64 / 1e9, files.len(), t.elapsed().as_secs_f64(), largest as f64 / 1e6);
     println!(
         "{:<28} {:>8} {:>10} {:>12} {:>10}",
         "case", "threads", "s", "M params/s", "GB/s in"
     );
-    let rss_before = peak_rss_bytes();
     for threads in [1, all] {
+        reset_peak_rss();
+        let rss_before = current_rss_bytes();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -210,8 +227,19 @@ fn main() {
             s.bytes_in as f64 / s.seconds / 1e9
         );
         std::fs::remove_dir_all(&out).unwrap();
+        if let (Some(before), Some(peak)) = (rss_before, peak_rss_bytes()) {
+            println!("{:<28} {:>8} peak RSS {:.0} MB above the {:.0} MB resident before = {:.2}× the largest tensor ({:.0} MB)", "", threads, (peak - before) as f64 / 1e6, before as f64 / 1e6, (peak - before) as f64 / largest as f64, largest as f64 / 1e6);
+        }
     }
-    if let (Some(before), Some(after)) = (rss_before, peak_rss_bytes()) {
-        println!("peak RSS: {:.0} MB before conversion (benchmark's own buffers), {:.0} MB after; largest tensor {:.0} MB", before as f64 / 1e6, after as f64 / 1e6, largest as f64 / 1e6);
-    }
+}
+
+/// Reset VmHWM to the current RSS (Linux: writing 5 to clear_refs).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn current_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }

@@ -139,3 +139,24 @@ fn bad_inputs_exit_nonzero_with_a_message() {
         &["already quantized"],
     );
 }
+
+/// A GGUF file (written by qlora-gguf's test writer from the tiny fixture is covered in that
+/// crate); here: the CLI refuses --dtype for non-GGUF input and names a corrupt GGUF.
+#[test]
+fn gguf_input_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixtures().join("tiny-llama");
+    let o = qlora(
+        &["quantize", m.to_str().unwrap(), "q", "--dtype", "bf16"],
+        tmp.path(),
+    );
+    assert_clean_failure(&o, &["--dtype applies to GGUF input only"]);
+    std::fs::write(
+        tmp.path().join("bad.gguf"),
+        b"GGUF\x03\x00\x00\x00truncated",
+    )
+    .unwrap();
+    let o = qlora(&["quantize", "bad.gguf", "q"], tmp.path());
+    assert_clean_failure(&o, &["bad.gguf"]);
+    assert!(!tmp.path().join("q").exists());
+}

@@ -311,6 +311,19 @@ impl<'a, T: Elem> ViewMut<'a, T> {
             _t: PhantomData,
         }
     }
+    /// Elements `start..start + len`, writable; panics when out of range (a programming error).
+    pub fn slice_mut(&mut self, start: usize, len: usize) -> ViewMut<'_, T> {
+        assert!(
+            start + len <= self.len,
+            "slice {start}+{len} of {}",
+            self.len
+        );
+        ViewMut {
+            ptr: self.ptr + (start * std::mem::size_of::<T>()) as u64,
+            len,
+            _t: PhantomData,
+        }
+    }
 }
 
 /// Managed (unified) memory for the optimizer's paged state: the driver migrates pages between
@@ -487,6 +500,8 @@ pub struct Device {
     cache_dir: Option<PathBuf>,
     modules: Mutex<HashMap<String, Module>>,
     funcs: Mutex<HashMap<String, Func>>,
+    /// Kernel files other crates embed (e.g. the optimizer's `cuda/adamw.cu`).
+    extra: Mutex<Vec<kernels::KernelSource>>,
     blas: Mutex<Option<crate::blas::BlasLt>>,
     dyn_map: Mutex<Option<Arc<Buf<f32>>>>,
 }
@@ -552,6 +567,7 @@ impl Device {
             cache_dir: default_cache_dir(),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
+            extra: Mutex::new(Vec::new()),
             blas: Mutex::new(None),
             dyn_map: Mutex::new(None),
         })
@@ -729,19 +745,34 @@ impl Device {
         f(g.as_mut().expect("set above"))
     }
 
+    /// Make a kernel file that another crate embeds (`include_str!` of `cuda/<file>`) launchable
+    /// through [`Device::launch`]; it may `#include "common.cuh"`. Registering a file name
+    /// this crate already embeds, or one registered before, keeps the first source.
+    pub fn register_source(&self, src: kernels::KernelSource) {
+        let mut extra = self.extra.lock().expect("extra lock");
+        if kernels::source(src.file).is_none() && !extra.iter().any(|s| s.file == src.file) {
+            extra.push(src);
+        }
+    }
+
     /// Compile (or fetch from the disk cache) one kernel file for this device's arch and load it.
     fn module(&self, file: &str) -> Result<sys::CUmodule> {
         let mut mods = self.modules.lock().expect("module lock");
         if let Some(m) = mods.get(file) {
             return Ok(m.0);
         }
-        let src = kernels::source(file).ok_or_else(|| {
-            bad_arg(
-                "module",
-                "file",
-                format!("no embedded kernel source {file}"),
-            )
-        })?;
+        let extra = self.extra.lock().expect("extra lock");
+        let src = kernels::source(file)
+            .or_else(|| extra.iter().find(|s| s.file == file))
+            .copied()
+            .ok_or_else(|| {
+                bad_arg(
+                    "module",
+                    "file",
+                    format!("no embedded or registered kernel source {file}"),
+                )
+            })?;
+        drop(extra);
         let req = CompileRequest {
             file,
             source: src.source,

@@ -23,7 +23,17 @@ pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../../cud
 
 /// Every kernel file this crate launches from. (The lane B test compiles every `cuda/*.cu` on
 /// disk, including files other crates launch, e.g. the optimizer's.)
-pub const SOURCES: &[KernelSource] = &[src!("nf4.cu")];
+pub const SOURCES: &[KernelSource] = &[
+    src!("attention.cu"),
+    src!("cross_entropy.cu"),
+    src!("embedding.cu"),
+    src!("linear.cu"),
+    src!("nf4.cu"),
+    src!("residual.cu"),
+    src!("rmsnorm.cu"),
+    src!("rope.cu"),
+    src!("swiglu.cu"),
+];
 
 /// The embedded source of `file`.
 pub fn source(file: &str) -> Option<&'static KernelSource> {
@@ -57,8 +67,13 @@ mod tests {
                     "{}: entry {e} should be named after its file",
                     s.file
                 );
+                // Defined literally, or by a macro pasting the dtype (`qlr_x_fwd_##S(`).
+                let macro_stem = e
+                    .rsplit_once('_')
+                    .map(|(a, _)| format!(" {a}_##S("))
+                    .unwrap_or_default();
                 assert!(
-                    s.source.contains(&format!(" {e}(")),
+                    s.source.contains(&format!(" {e}(")) || s.source.contains(&macro_stem),
                     "{}: declared entry {e} is not defined",
                     s.file
                 );

@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod nvrtc;
+pub mod ops;
 
 pub use device::{Args, Buf, Device, Elem, Geometry, Managed, Stream, View, ViewMut};
 pub use error::{CudaError, NoGpu, Result};

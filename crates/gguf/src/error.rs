@@ -89,6 +89,10 @@ pub enum GgufError {
         reason: String,
     },
 
+    /// Writing the safetensors output failed (the nf4 crate's error names file and tensor).
+    #[error(transparent)]
+    Safetensors(#[from] qlora_nf4::Nf4Error),
+
     /// The vocabulary metadata cannot be turned into a `tokenizer.json`.
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },

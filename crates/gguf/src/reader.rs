@@ -273,7 +273,9 @@ impl<'a> Cursor<'a> {
                         len: self.buf.len() as u64,
                     });
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                // The count passed the size check, but a corrupt one can still be large: grow
+                // from a bounded capacity instead of reserving it all up front.
+                let mut items = Vec::with_capacity((n as usize).min(1 << 16));
                 for i in 0..n {
                     items.push(self.value(ety, &|| format!("{}[{i}]", what()), depth + 1)?);
                 }
@@ -281,6 +283,18 @@ impl<'a> Cursor<'a> {
             }
         })
     }
+}
+
+/// Whether `path` is a file that starts with the GGUF magic (for callers that accept either a
+/// GGUF file or a model directory). Unreadable paths are not GGUF.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
 }
 
 impl GgufFile {
@@ -308,6 +322,15 @@ impl GgufFile {
             });
         }
         let version = c.u32(&|| "the version".into())?;
+        if version.swap_bytes() == 2 || version.swap_bytes() == 3 {
+            return Err(c.corrupt(
+                "header".into(),
+                format!(
+                    "big-endian GGUF v{} files are not supported (convert it little-endian)",
+                    version.swap_bytes()
+                ),
+            ));
+        }
         if version != 2 && version != 3 {
             return Err(GgufError::UnsupportedVersion {
                 path: path.to_path_buf(),

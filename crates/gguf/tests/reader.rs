@@ -2,7 +2,7 @@
 //! the file and the key or tensor) for every kind of corrupt or truncated input.
 
 use qlora_gguf::writer::GgufWriter;
-use qlora_gguf::{GgmlType, GgufError, GgufFile, Value, ValueType};
+use qlora_gguf::{is_gguf, GgmlType, GgufError, GgufFile, Value, ValueType};
 
 fn sample() -> GgufWriter {
     let mut w = GgufWriter::new();
@@ -57,6 +57,9 @@ fn round_trip_of_every_value_type_and_tensor() {
         w.version = version;
         let w = w;
         let p = write(&dir, "s.gguf", &w.to_bytes());
+        assert!(is_gguf(&p));
+        assert!(!is_gguf(dir.path()), "a directory is not GGUF");
+        assert!(!is_gguf(&dir.path().join("missing.gguf")));
         let f = GgufFile::open(&p).unwrap();
         assert_eq!(f.version(), version);
         assert_eq!(f.metadata(), &w.metadata[..]);
@@ -176,6 +179,11 @@ fn corrupt_headers_are_refused_by_name() {
         matches!(err, GgufError::UnsupportedVersion { version: 1, .. }),
         "{err}"
     );
+
+    let mut b = full.clone();
+    b[4..8].copy_from_slice(&3u32.to_be_bytes());
+    let err = GgufFile::open(&write(&dir, "be.gguf", &b)).err().unwrap();
+    assert!(err.to_string().contains("big-endian"), "{err}");
 
     // Unknown value type tag on key `t.u8` (its tag follows the key bytes).
     let mut b = full.clone();

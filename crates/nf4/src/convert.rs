@@ -9,8 +9,9 @@
 
 use crate::bnb::{nf4_checkpoint_tensors, quantization_config, NF4_SIDE_SUFFIXES};
 use crate::quant::{check_blocksize, FloatData};
-use crate::st::{ModelWeights, StreamingWriter};
+use crate::st::{header_bound, ModelWeights, StreamingWriter};
 use crate::{from_f32, Dtype, Nf4Error, Nf4Tensor, Result};
+use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -290,20 +291,26 @@ impl Drop for Staging {
     }
 }
 
+/// A tensor to write, borrowed: (name, dtype, shape, little-endian bytes).
+type TensorRef<'a> = (&'a str, Dtype, &'a [usize], &'a [u8]);
+
 /// Writes tensors into one or more shards, `model.safetensors` or `model-0000i-of-0000n…`.
 struct ShardedWriter {
     dir: PathBuf,
     max_bytes: u64,
+    /// Header bytes reserved per shard: the bound for the whole model, so any shard fits.
+    header_reserve: usize,
     done: Vec<(PathBuf, Vec<String>)>,
     current: Option<StreamingWriter>,
     total: u64,
 }
 
 impl ShardedWriter {
-    fn new(dir: &Path, max_bytes: u64) -> ShardedWriter {
+    fn new(dir: &Path, max_bytes: u64, header_reserve: usize) -> ShardedWriter {
         ShardedWriter {
             dir: dir.into(),
             max_bytes,
+            header_reserve,
             done: Vec::new(),
             current: None,
             total: 0,
@@ -311,7 +318,7 @@ impl ShardedWriter {
     }
 
     /// Add a group of tensors that belongs in one shard (a weight and its quant-state side keys).
-    fn add_group(&mut self, group: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    fn add_group(&mut self, group: &[TensorRef]) -> Result<()> {
         let size: u64 = group.iter().map(|t| t.3.len() as u64).sum();
         if let Some(w) = &self.current {
             if w.data_bytes() as u64 + size > self.max_bytes && w.data_bytes() > 0 {
@@ -319,12 +326,14 @@ impl ShardedWriter {
             }
         }
         if self.current.is_none() {
-            let spool = self.dir.join(format!(".shard{}.spool", self.done.len()));
-            self.current = Some(StreamingWriter::create(&spool)?);
+            let path = self
+                .dir
+                .join(format!(".shard{}.safetensors", self.done.len()));
+            self.current = Some(StreamingWriter::create(&path, self.header_reserve)?);
         }
         let w = self.current.as_mut().unwrap();
-        for (n, d, s, b) in group {
-            w.add(n, *d, s, b)?;
+        for &(n, d, s, b) in group {
+            w.add(n, d, s, b)?;
         }
         self.total += size;
         Ok(())
@@ -336,10 +345,7 @@ impl ShardedWriter {
             let path = self
                 .dir
                 .join(format!(".shard{}.safetensors", self.done.len()));
-            w.finish(
-                &path,
-                Some(HashMap::from([("format".to_string(), "pt".to_string())])),
-            )?;
+            w.finish(Some(pt_metadata()))?;
             self.done.push((path, names));
         }
         Ok(())
@@ -350,11 +356,8 @@ impl ShardedWriter {
         self.close_current()?;
         let n = self.done.len().max(1);
         if self.done.is_empty() {
-            let w = StreamingWriter::create(&self.dir.join(".empty.spool"))?;
-            w.finish(
-                &self.dir.join("model.safetensors"),
-                Some(HashMap::from([("format".to_string(), "pt".to_string())])),
-            )?;
+            let w = StreamingWriter::create(&self.dir.join("model.safetensors"), 64)?;
+            w.finish(Some(pt_metadata()))?;
             return Ok((0, 1));
         }
         let mut bytes = 0;
@@ -380,6 +383,36 @@ impl ShardedWriter {
         }
         Ok((bytes, n))
     }
+}
+
+/// The header metadata transformers writes.
+fn pt_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// Header bytes to reserve for any shard of `weights` written by `quantize` (true) or plain.
+fn output_header_bound(
+    weights: &ModelWeights,
+    names: &[String],
+    quantized: impl Fn(&str) -> bool,
+) -> Result<usize> {
+    let mut entries: Vec<(String, usize)> = Vec::new();
+    for name in names {
+        let ndim = weights.tensor_info(name)?.shape.len();
+        if quantized(name) {
+            entries.push((name.clone(), 2));
+            for suf in NF4_SIDE_SUFFIXES {
+                entries.push((format!("{name}.{suf}"), 1));
+            }
+        } else {
+            entries.push((name.clone(), ndim.max(1)));
+        }
+    }
+    let meta = pt_metadata();
+    Ok(header_bound(
+        entries.iter().map(|(n, d)| (n.as_str(), *d)),
+        Some(&meta),
+    ))
 }
 
 /// Write JSON the way transformers does (2-space indent, trailing newline).
@@ -460,42 +493,72 @@ pub fn quantize_model_dir(
         }
     }
     let staging = Staging::new(input, out, opts.force)?;
-    let mut writer = ShardedWriter::new(&staging.tmp, opts.max_shard_bytes);
+    let quantized = |name: &str| {
+        let info = weights.tensor_info(name).expect("listed tensor");
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        is_quantizable(name, &info.shape) && !is_skipped(module, &opts.skip_modules)
+    };
+    let reserve = output_header_bound(&weights, &names, quantized)?;
+    let mut writer = ShardedWriter::new(&staging.tmp, opts.max_shard_bytes, reserve);
     let mut s = ConvertSummary {
         tensors_in: names.len(),
         bytes_in: weights.total_bytes() as u64,
         ..Default::default()
     };
-    for name in &names {
-        let info = weights.tensor_info(name)?.clone();
-        let numel = info.numel() as u64;
-        s.params_total += numel;
-        let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
-        if is_quantizable(name, &info.shape) && !is_skipped(module, &opts.skip_modules) {
-            let data = FloatData::Bytes(info.dtype, weights.bytes(name)?);
-            let t = Nf4Tensor::quantize_data(
-                name,
-                data,
-                &info.shape,
-                opts.blocksize,
-                opts.double_quant,
-                info.dtype,
-            )?;
-            let group = nf4_checkpoint_tensors(name, &t);
-            s.bytes_quantized += group.iter().map(|g| g.3.len() as u64).sum::<u64>();
-            writer.add_group(&group)?;
-            s.tensors_quantized += 1;
-            s.params_quantized += numel;
-        } else {
-            writer.add_group(&[(
-                name.clone(),
-                info.dtype,
-                info.shape.clone(),
-                weights.bytes(name)?.to_vec(),
-            )])?;
-            s.tensors_kept += 1;
+    // Parallel over tensors as well as over blocks: consecutive tensors are quantized together
+    // in batches whose input totals at most the largest tensor, so resident memory stays a small
+    // multiple of it; results are written in order.
+    let size_of = |name: &String| weights.tensor_info(name).map(|i| i.end - i.start);
+    let largest = names
+        .iter()
+        .map(size_of)
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    let mut i = 0;
+    while i < names.len() {
+        let (mut j, mut batch_bytes) = (i, 0);
+        while j < names.len() && (j == i || batch_bytes + size_of(&names[j])? <= largest) {
+            batch_bytes += size_of(&names[j])?;
+            j += 1;
         }
-        weights.release(name);
+        let batch = &names[i..j];
+        let results: Vec<Option<Nf4Tensor>> = batch
+            .par_iter()
+            .map(|name| {
+                if !quantized(name) {
+                    return Ok(None);
+                }
+                let info = weights.tensor_info(name)?;
+                let data = FloatData::Bytes(info.dtype, weights.bytes(name)?);
+                let (bs, dq) = (opts.blocksize, opts.double_quant);
+                Nf4Tensor::quantize_data(name, data, &info.shape, bs, dq, info.dtype).map(Some)
+            })
+            .collect::<Result<_>>()?;
+        for (name, t) in batch.iter().zip(results) {
+            let info = weights.tensor_info(name)?;
+            s.params_total += info.numel() as u64;
+            match t {
+                Some(t) => {
+                    let group = nf4_checkpoint_tensors(name, &t);
+                    s.bytes_quantized += group.iter().map(|g| g.3.len() as u64).sum::<u64>();
+                    let refs: Vec<TensorRef> = group
+                        .iter()
+                        .map(|(n, d, sh, b)| (n.as_str(), *d, sh.as_slice(), b.as_slice()))
+                        .collect();
+                    writer.add_group(&refs)?;
+                    s.tensors_quantized += 1;
+                    s.params_quantized += info.numel() as u64;
+                }
+                None => {
+                    writer.add_group(&[(name, info.dtype, &info.shape, weights.bytes(name)?)])?;
+                    s.tensors_kept += 1;
+                }
+            }
+            weights.release(name);
+        }
+        i = j;
     }
     (s.bytes_out, s.shards) = writer.finish()?;
     cfg.insert(
@@ -529,7 +592,8 @@ pub fn dequantize_model_dir(
         ));
     }
     let staging = Staging::new(input, out, force)?;
-    let mut writer = ShardedWriter::new(&staging.tmp, max_shard_bytes);
+    let reserve = output_header_bound(&weights, &weights.names(), |_| false)?;
+    let mut writer = ShardedWriter::new(&staging.tmp, max_shard_bytes, reserve);
     let names = weights.names();
     let mut s = ConvertSummary {
         tensors_in: names.len(),
@@ -575,7 +639,7 @@ pub fn dequantize_model_dir(
             }
         };
         s.params_total += shape.iter().product::<usize>() as u64;
-        writer.add_group(&[(name.clone(), entry_dtype, shape, bytes)])?;
+        writer.add_group(&[(name, entry_dtype, &shape, &bytes)])?;
         weights.release(name);
     }
     (s.bytes_out, s.shards) = writer.finish()?;

@@ -358,53 +358,79 @@ impl ModelWeights {
 /// A tensor to be written: (name, dtype, shape, little-endian bytes).
 pub type OwnedTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 
-/// Write a safetensors file atomically (temp file in the same directory, then rename).
+/// Write a safetensors file atomically (`<path>.partial`, then rename).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[OwnedTensor],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|s| s.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    let mut w = StreamingWriter::create(&tmp)?;
+    let reserve = header_bound(
+        tensors.iter().map(|t| (t.0.as_str(), t.2.len())),
+        metadata.as_ref(),
+    );
+    let mut w = StreamingWriter::create(path, reserve)?;
     for (name, dtype, shape, bytes) in tensors {
         w.add(name, *dtype, shape, bytes)?;
     }
-    let res = w.finish(path, metadata);
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.map(|_| ())
+    w.finish(metadata).map(|_| ())
 }
 
-/// Writes a safetensors file while its tensors are produced one by one: data goes to a spool
-/// file as it arrives, and `finish` writes header + spooled data. Memory stays at one tensor.
+/// An upper bound of the JSON header size for tensors with these names and ranks: what
+/// [`StreamingWriter::create`] reserves so that the header can be written in front of the data
+/// afterwards. Per entry: the name (escaped, at most doubled), the fixed keys, at most 20
+/// digits per shape dimension and per offset.
+pub fn header_bound<'a>(
+    entries: impl Iterator<Item = (&'a str, usize)>,
+    metadata: Option<&HashMap<String, String>>,
+) -> usize {
+    let meta: usize = metadata.map_or(0, |m| {
+        32 + m
+            .iter()
+            .map(|(k, v)| 2 * (k.len() + v.len()) + 8)
+            .sum::<usize>()
+    });
+    2 + meta
+        + entries
+            .map(|(name, ndim)| 2 * name.len() + 64 + 21 * ndim + 42)
+            .sum::<usize>()
+}
+
+/// Writes a safetensors file while its tensors are produced one by one, with memory bounded by
+/// one tensor: data is appended behind a reserved header region, and `finish` writes the header
+/// into that region, padded with spaces (which the format allows), then renames
+/// `<path>.partial` onto `path`. If the header outgrows the reservation (a too-small estimate),
+/// `finish` falls back to copying the data behind a fresh header.
 pub struct StreamingWriter {
-    spool_path: PathBuf,
-    spool: BufWriter<File>,
+    path: PathBuf,
+    partial: PathBuf,
+    file: BufWriter<File>,
+    /// Bytes reserved for the header (a multiple of 8, so the data starts 8-byte aligned).
+    reserve: usize,
     entries: Vec<(String, Dtype, Vec<usize>, usize, usize)>,
     offset: usize,
 }
 
 impl StreamingWriter {
-    pub fn create(spool_path: &Path) -> Result<StreamingWriter> {
+    /// Start writing `path` (as `<path>.partial`), reserving `header_reserve` bytes for the
+    /// header (see [`header_bound`]).
+    pub fn create(path: &Path, header_reserve: usize) -> Result<StreamingWriter> {
+        let partial = partial_path(path);
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(spool_path)
-            .map_err(|e| Nf4Error::io(spool_path, e))?;
+            .open(&partial)
+            .map_err(|e| Nf4Error::io(&partial, e))?;
+        let reserve = header_reserve.div_ceil(8) * 8;
+        let mut file = BufWriter::with_capacity(1 << 20, f);
+        file.seek(SeekFrom::Start(8 + reserve as u64))
+            .map_err(|e| Nf4Error::io(&partial, e))?;
         Ok(StreamingWriter {
-            spool_path: spool_path.into(),
-            spool: BufWriter::new(f),
+            path: path.into(),
+            partial,
+            file,
+            reserve,
             entries: Vec::new(),
             offset: 0,
         })
@@ -429,9 +455,9 @@ impl StreamingWriter {
                 reason: "written twice".into(),
             });
         }
-        self.spool
+        self.file
             .write_all(bytes)
-            .map_err(|e| Nf4Error::io(&self.spool_path, e))?;
+            .map_err(|e| Nf4Error::io(&self.partial, e))?;
         self.entries.push((
             name.into(),
             dtype,
@@ -451,67 +477,159 @@ impl StreamingWriter {
         self.entries.iter().map(|e| e.0.as_str())
     }
 
-    /// Write the final file at `path` (atomically: `<path>.partial` then rename) and remove the
-    /// spool. Returns the file size. Header entries are sorted by name; data keeps arrival order.
-    pub fn finish(self, path: &Path, metadata: Option<HashMap<String, String>>) -> Result<u64> {
+    /// Write the header and move the file into place. Returns the file size. Header entries
+    /// are sorted by name; the data keeps arrival order.
+    pub fn finish(self, metadata: Option<HashMap<String, String>>) -> Result<u64> {
         let StreamingWriter {
-            spool_path,
-            spool,
+            path,
+            partial,
+            file,
+            reserve,
             mut entries,
-            ..
+            offset,
         } = self;
-        let mut spool = spool
-            .into_inner()
-            .map_err(|e| Nf4Error::io(&spool_path, e.into_error()))?;
+        let fail = |e: std::io::Error| {
+            let _ = std::fs::remove_file(&partial);
+            Nf4Error::io(&path, e)
+        };
+        let mut file = file.into_inner().map_err(|e| fail(e.into_error()))?;
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         let mut header = serde_json::Map::new();
         if let Some(m) = metadata {
             let mut sorted: Vec<_> = m.into_iter().collect();
             sorted.sort();
-            header.insert(
-                "__metadata__".into(),
-                Value::Object(
-                    sorted
-                        .into_iter()
-                        .map(|(k, v)| (k, Value::String(v)))
-                        .collect(),
-                ),
-            );
+            let m = sorted
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            header.insert("__metadata__".into(), Value::Object(m));
         }
         for (name, dtype, shape, s, e) in &entries {
-            header.insert(name.clone(), serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [s, e]}));
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [s, e]}),
+            );
         }
         let mut hbytes =
             serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers");
-        // Pad with spaces so the data section starts 8-byte aligned, as safetensors does.
-        while !(8 + hbytes.len()).is_multiple_of(8) {
-            hbytes.push(b' ');
-        }
-        let partial = path.with_extension("safetensors.partial");
-        let mut write = || -> std::io::Result<u64> {
-            let mut out = BufWriter::new(File::create(&partial)?);
-            out.write_all(&(hbytes.len() as u64).to_le_bytes())?;
-            out.write_all(&hbytes)?;
-            spool.seek(SeekFrom::Start(0))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = spool.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                out.write_all(&buf[..n])?;
+        let size = if hbytes.len() <= reserve {
+            hbytes.resize(reserve, b' ');
+            let mut write_header = || -> std::io::Result<u64> {
+                file.seek(SeekFrom::Start(0))?;
+                file.write_all(&(reserve as u64).to_le_bytes())?;
+                file.write_all(&hbytes)?;
+                file.set_len((8 + reserve + offset) as u64)?;
+                Ok((8 + reserve + offset) as u64)
+            };
+            write_header().map_err(fail)?
+        } else {
+            // The reservation was too small: copy the data behind a header of the right size.
+            while !(8 + hbytes.len()).is_multiple_of(8) {
+                hbytes.push(b' ');
             }
-            let f = out.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            Ok(f.metadata()?.len())
+            let copy = partial.with_extension("partial2");
+            let mut copy_over = || -> std::io::Result<u64> {
+                let mut out = BufWriter::new(File::create(&copy)?);
+                out.write_all(&(hbytes.len() as u64).to_le_bytes())?;
+                out.write_all(&hbytes)?;
+                file.seek(SeekFrom::Start(8 + reserve as u64))?;
+                std::io::copy(&mut (&mut file).take(offset as u64), &mut out)?;
+                out.flush()?;
+                std::fs::rename(&copy, &partial)?;
+                Ok((8 + hbytes.len() + offset) as u64)
+            };
+            copy_over().map_err(|e| {
+                let _ = std::fs::remove_file(&copy);
+                fail(e)
+            })?
         };
-        let size = write().map_err(|e| {
-            let _ = std::fs::remove_file(&partial);
-            Nf4Error::io(path, e)
-        })?;
-        drop(spool);
-        let _ = std::fs::remove_file(&spool_path);
-        std::fs::rename(&partial, path).map_err(|e| Nf4Error::io(path, e))?;
+        drop(file);
+        std::fs::rename(&partial, &path).map_err(|e| Nf4Error::io(&path, e))?;
         Ok(size)
+    }
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> Vec<OwnedTensor> {
+        (0..20)
+            .map(|i| {
+                (
+                    format!("layer.{i}.weight"),
+                    Dtype::F32,
+                    vec![2, 3],
+                    vec![i as u8; 24],
+                )
+            })
+            .collect()
+    }
+
+    fn check(path: &Path) {
+        let f = SafetensorsFile::open(path).unwrap();
+        assert_eq!(f.tensors.len(), 20);
+        for i in 0..20 {
+            assert_eq!(
+                f.bytes(&format!("layer.{i}.weight")).unwrap(),
+                &[i as u8; 24][..]
+            );
+        }
+        assert_eq!(f.metadata.get("format").map(String::as_str), Some("pt"));
+        assert_eq!(f.data_start % 8, 0, "data 8-byte aligned");
+    }
+
+    #[test]
+    fn header_fits_the_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.safetensors");
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        write_safetensors(&p, &tensors(), Some(meta)).unwrap();
+        check(&p);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no partial file left"
+        );
+    }
+
+    #[test]
+    fn header_larger_than_reserved_falls_back_to_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.safetensors");
+        let mut w = StreamingWriter::create(&p, 16).unwrap();
+        for (n, d, s, b) in tensors() {
+            w.add(&n, d, &s, &b).unwrap();
+        }
+        w.finish(Some(HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )])))
+        .unwrap();
+        check(&p);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no partial file left"
+        );
+    }
+
+    #[test]
+    fn bound_is_an_upper_bound() {
+        let t = tensors();
+        let bound = header_bound(t.iter().map(|t| (t.0.as_str(), t.2.len())), None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.safetensors");
+        write_safetensors(&p, &t, None).unwrap();
+        let n = u64::from_le_bytes(std::fs::read(&p).unwrap()[..8].try_into().unwrap()) as usize;
+        let header = std::fs::read(&p).unwrap()[8..8 + n].to_vec();
+        let used = String::from_utf8(header).unwrap().trim_end().len();
+        assert!(used <= bound, "{used} > {bound}");
     }
 }

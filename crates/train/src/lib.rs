@@ -24,6 +24,7 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod lora;

@@ -1,17 +1,22 @@
 use crate::units::{human_bytes, human_count, parse_size};
 use anyhow::{Context, Result};
 use qlora_nf4::convert::{quantize_model_dir, QuantizeOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Quantize the decoder Linear weights of a Hugging Face model directory to NF4 (bitsandbytes
 /// 4-bit format, loadable by transformers with `load_in_4bit`). Embeddings, norms, biases and
 /// lm_head stay in the model dtype; tokenizer and generation files are copied.
 ///
+/// MODEL may also be a llama-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
+/// Q5_K, Q6_K tensors): it is dequantized exactly, converted to a Hugging Face directory
+/// (weights, config.json, tokenizer.json, tokenizer_config.json with the chat template) and
+/// quantized to NF4; with --dtype it is only converted.
+///
 /// With no arguments, quantizes the bundled tiny Llama into runs/tiny-llama-nf4 (the demo).
 #[derive(clap::Args)]
 pub struct Args {
-    /// Input model directory (config.json + model.safetensors or sharded safetensors).
-    /// Default: the tiny Llama bundled in the binary.
+    /// Input model directory (config.json + model.safetensors or sharded safetensors), or a
+    /// GGUF file. Default: the tiny Llama bundled in the binary.
     pub model_dir: Option<PathBuf>,
     /// Output directory (written to a temporary sibling and renamed at the end).
     /// Default with the bundled model: runs/tiny-llama-nf4.
@@ -34,6 +39,9 @@ pub struct Args {
     /// Largest shard before the output is split (e.g. 5GB, 500MB).
     #[arg(long, default_value = "5GB")]
     pub max_shard_size: String,
+    /// GGUF input only: convert to a plain bf16 or f32 checkpoint without quantizing.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -56,6 +64,26 @@ pub fn run(a: Args) -> Result<()> {
             )
         }
     };
+    let mut gguf_staging = None;
+    let input_name = model_dir.display().to_string();
+    let model_dir = if qlora_gguf::is_gguf(&model_dir) {
+        let staging = gguf_input(&model_dir, &out_dir, &a)?;
+        match staging {
+            None => return Ok(()),
+            Some((dir, path)) => {
+                gguf_staging = Some(dir);
+                path
+            }
+        }
+    } else {
+        if a.dtype.is_some() {
+            anyhow::bail!(
+                "--dtype applies to GGUF input only ({} is not a GGUF file)",
+                model_dir.display()
+            );
+        }
+        model_dir
+    };
     let opts = QuantizeOptions {
         blocksize: a.blocksize,
         double_quant: !a.no_double_quant,
@@ -69,7 +97,7 @@ pub fn run(a: Args) -> Result<()> {
         .with_context(|| format!("quantizing {}", model_dir.display()))?;
     let source = match demo {
         Some(_) => "the bundled tiny-llama".to_string(),
-        None => model_dir.display().to_string(),
+        None => input_name,
     };
     println!("quantized {source} → {}", out_dir.display());
     println!(
@@ -95,6 +123,7 @@ pub fn run(a: Args) -> Result<()> {
         s.params_quantized as f64 / secs / 1e6,
         s.bytes_in as f64 / secs / 1e9
     );
+    drop(gguf_staging);
     if demo.is_some() {
         let (_, err) = qlora_nf4::convert::inspect(&out_dir, Some(&model_dir))?;
         if let Some(e) = err {
@@ -106,4 +135,87 @@ pub fn run(a: Args) -> Result<()> {
         println!("next: `qlora inspect {}` lists every tensor; the directory loads in transformers with bitsandbytes.", out_dir.display());
     }
     Ok(())
+}
+
+/// GGUF input: with --dtype, convert into OUT_DIR and return None; otherwise convert to an exact
+/// f32 Hugging Face directory in a temporary folder and return it for quantization.
+fn gguf_input(
+    gguf: &Path,
+    out_dir: &Path,
+    a: &Args,
+) -> Result<Option<(tempfile::TempDir, PathBuf)>> {
+    use qlora_gguf::{convert_to_hf, OutDtype};
+    let target = match a.dtype.as_deref() {
+        None => None,
+        Some(s) => Some(match super::parse_float_dtype(s).context("--dtype")? {
+            qlora_nf4::Dtype::BF16 => OutDtype::BF16,
+            qlora_nf4::Dtype::F32 => OutDtype::F32,
+            _ => anyhow::bail!("--dtype {s}: GGUF conversion writes bf16 or f32"),
+        }),
+    };
+    let Some(dtype) = target else {
+        let parent = out_dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".qlora-gguf-")
+            .tempdir_in(parent)
+            .context("creating a temporary directory")?;
+        let hf = tmp.path().join("hf");
+        let s = convert_to_hf(gguf, &hf, OutDtype::F32)
+            .with_context(|| format!("converting {}", gguf.display()))?;
+        println!(
+            "read {}: {} tensors ({}), tokenizer `{}`",
+            gguf.display(),
+            s.n_tensors,
+            source_types(&s.source_types),
+            s.tokenizer_model
+        );
+        return Ok(Some((tmp, hf)));
+    };
+    if out_dir.exists() && !a.force {
+        anyhow::bail!(
+            "{}: already exists (pass --force to replace it)",
+            out_dir.display()
+        );
+    }
+    let parent = out_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".qlora-gguf-")
+        .tempdir_in(parent)
+        .context("creating a temporary directory")?;
+    let staged = tmp.path().join("out");
+    let s = convert_to_hf(gguf, &staged, dtype)
+        .with_context(|| format!("converting {}", gguf.display()))?;
+    if out_dir.exists() {
+        std::fs::remove_dir_all(out_dir)
+            .with_context(|| format!("replacing {}", out_dir.display()))?;
+    }
+    std::fs::rename(&staged, out_dir)
+        .with_context(|| format!("moving the output to {}", out_dir.display()))?;
+    println!(
+        "converted {} → {} ({}): {} tensors, {} parameters ({}), tokenizer `{}`",
+        gguf.display(),
+        out_dir.display(),
+        dtype.torch_name(),
+        s.n_tensors,
+        human_count(s.n_params),
+        source_types(&s.source_types),
+        s.tokenizer_model
+    );
+    Ok(None)
+}
+
+fn source_types(t: &std::collections::BTreeMap<String, usize>) -> String {
+    t.iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

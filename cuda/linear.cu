@@ -1,0 +1,434 @@
+// linear.cu: the fused NF4 + LoRA linear (design.md §1, specs/peft.md), S = alpha/r (or alpha/√r).
+// entries: qlr_linear_fwd_f32 qlr_linear_fwd_bf16 qlr_linear_bwd_f32 qlr_linear_bwd_bf16
+// entries: qlr_linear_bwd_acc_f32 qlr_linear_bwd_acc_bf16
+// entries: qlr_linear_lora_proj_fwd_f32 qlr_linear_lora_proj_fwd_bf16
+// entries: qlr_linear_lora_grad_bwd_acc_f32 qlr_linear_lora_grad_bwd_acc_bf16
+// fwd:  us = S·(x·Aᵀ) (M,R) [lora_proj], saved for bwd;  y = x·deq(W)ᵀ + us·Bᵀ (M,N) [linear_fwd]
+// bwd:  vs = S·(dy·B) (M,R) [lora_proj];  dx (=|+=) dy·deq(W) + vs·A (M,K) [linear_bwd(_acc)]
+//       dA += vsᵀ·x (R,K) f32, dB += dyᵀ·us (N,R) f32 [lora_grad_bwd_acc]. W never gets a gradient.
+// Layouts: row-major; x (M,K), W NF4 over the flat (N,K) order, A (R,K), B (N,R), all T.
+// Both GEMM terms accumulate in one f32 register tile and y/dx is written once (the plain
+// formula `y = x·deq(W)ᵀ; y += S·(x·Aᵀ)·Bᵀ` is what this replaces). The NF4 tile loader
+// dequantizes exactly as nf4.cu (f32 product, one rounding to bf16 for the mma path), so the
+// fused result equals dequantize + GEMM up to summation order.
+// Precision: bf16 uses mma.sync m16n8k16 (bf16 in, f32 accumulate); f32 uses f32 FMA (SIMT).
+// us/vs are stored in T (one rounding of the f32 dot product). lora_grad uses split-K with f32
+// atomics: results are not bitwise deterministic across runs (order of the partial sums).
+// Aliasing: out must not alias any input. Reference: qlora_cuda tests `linear_ref_f64`.
+#include "common.cuh"
+
+struct QlrLinear {
+    void* out;        // T (m, n_out)
+    const void* a1;   // T (m, k1) row-major: x (fwd) or dy (bwd)
+    const void* a2;   // T (m, k2) row-major: us (fwd) or vs (bwd); unused when k2 == 0
+    const void* b2;   // T dense operand of the LoRA term: element (c, j) at c*b2_sc + j*b2_sj
+    QlrNf4 w;         // NF4 operand: element (c, j) at flat index c*w_sc + j*w_sj
+    long long w_sc, w_sj, b2_sc, b2_sj;
+    int m, n_out, k1, k2;
+    int accumulate;   // out += result instead of out = result
+    int pad_;
+};
+static_assert(sizeof(QlrNf4) == 48, "QlrNf4 layout is mirrored in ops/linear.rs");
+static_assert(sizeof(QlrLinear) == 136, "QlrLinear layout is mirrored in ops/linear.rs");
+
+// ---- tile loaders: fill sm[ROWS][LDS] with rows r0.., reduction index k0.. (zero outside) ----
+
+// Dense operand (row r, k) at p[r*sr + k*sk]. Consecutive threads walk the contiguous index.
+template <typename T, typename S, int ROWS, int BK, int LDS, int NT>
+__device__ __forceinline__ void load_dense(S* sm, const T* __restrict__ p, long long sr, long long sk, int r0,
+                                           int k0, int nrows, int nk) {
+    if (sk == 1) {
+        if constexpr (sizeof(T) == 2 && sizeof(S) == 2) {
+            // 8 bf16 per thread as one 16-byte load when the whole row segment is in range and aligned.
+            for (int i = threadIdx.x; i < ROWS * BK / 8; i += NT) {
+                const int r = i / (BK / 8), k = (i % (BK / 8)) * 8;
+                const int gr = r0 + r, gk = k0 + k;
+                const long long off = (long long)gr * sr + gk;
+                uint4 v = make_uint4(0, 0, 0, 0);
+                if (gr < nrows && gk + 8 <= nk && (reinterpret_cast<unsigned long long>(p + off) & 15) == 0) {
+                    v = *reinterpret_cast<const uint4*>(p + off);
+                } else if (gr < nrows) {
+                    bf16* e = reinterpret_cast<bf16*>(&v);
+                    for (int q = 0; q < 8; ++q) e[q] = gk + q < nk ? p[off + q] : qlr_from_f32<bf16>(0.f);
+                }
+                *reinterpret_cast<uint4*>(sm + r * LDS + k) = v;
+            }
+        } else {
+            for (int i = threadIdx.x; i < ROWS * BK; i += NT) {
+                const int r = i / BK, k = i % BK;
+                const int gr = r0 + r, gk = k0 + k;
+                const float v = (gr < nrows && gk < nk) ? qlr_to_f32(p[(long long)gr * sr + gk]) : 0.f;
+                sm[r * LDS + k] = qlr_from_f32<S>(v);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < ROWS * BK; i += NT) {
+            const int k = i / ROWS, r = i % ROWS;
+            const int gr = r0 + r, gk = k0 + k;
+            const float v = (gr < nrows && gk < nk) ? qlr_to_f32(p[(long long)gr * sr + (long long)gk * sk]) : 0.f;
+            sm[r * LDS + k] = qlr_from_f32<S>(v);
+        }
+    }
+}
+
+// NF4 operand (row c, k) at flat f = c*sc + k*sk. Fast paths: 16 codes (8 bytes) per thread
+// along the contiguous index, which then share one QB block (QB % 16 == 0, f0 % 16 == 0).
+template <typename S, int ROWS, int BK, int LDS, int NT>
+__device__ __forceinline__ void load_nf4(S* sm, const QlrNf4& w, const float* lut, long long sc, long long sk,
+                                         int c0, int k0, int nrows, int nk) {
+    const bool k_contig = sk == 1 && (sc % 16) == 0;
+    const bool c_contig = sc == 1 && (sk % 16) == 0;
+    if (k_contig && BK % 16 == 0) {
+        for (int i = threadIdx.x; i < ROWS * BK / 16; i += NT) {
+            const int r = i / (BK / 16), k = (i % (BK / 16)) * 16;
+            const int gr = c0 + r, gk = k0 + k;
+            S* dst = sm + r * LDS + k;
+            if (gr < nrows && gk + 16 <= nk) {
+                const long long f = (long long)gr * sc + gk;
+                const uint2 raw = *reinterpret_cast<const uint2*>(w.packed + (f >> 1));
+                const float s = qlr_nf4_scale(w, f / w.blocksize);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    const unsigned byte = ((q < 4 ? raw.x : raw.y) >> (8 * (q & 3))) & 0xffu;
+                    dst[2 * q] = qlr_from_f32<S>(qlr_nf4_deq(lut, byte >> 4, s));
+                    dst[2 * q + 1] = qlr_from_f32<S>(qlr_nf4_deq(lut, byte & 15u, s));
+                }
+            } else {
+                for (int q = 0; q < 16; ++q) {
+                    float v = 0.f;
+                    if (gr < nrows && gk + q < nk) {
+                        const long long f = (long long)gr * sc + gk + q;
+                        const unsigned byte = w.packed[f >> 1];
+                        v = qlr_nf4_deq(lut, (f & 1) ? (byte & 15u) : (byte >> 4), qlr_nf4_scale(w, f / w.blocksize));
+                    }
+                    dst[q] = qlr_from_f32<S>(v);
+                }
+            }
+        }
+    } else if (c_contig && ROWS % 16 == 0) {
+        for (int i = threadIdx.x; i < ROWS * BK / 16; i += NT) {
+            const int k = i / (ROWS / 16), r = (i % (ROWS / 16)) * 16;
+            const int gr = c0 + r, gk = k0 + k;
+            if (gr + 16 <= nrows && gk < nk) {
+                const long long f = gr + (long long)gk * sk;
+                const uint2 raw = *reinterpret_cast<const uint2*>(w.packed + (f >> 1));
+                const float s = qlr_nf4_scale(w, f / w.blocksize);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    const unsigned byte = ((q < 4 ? raw.x : raw.y) >> (8 * (q & 3))) & 0xffu;
+                    sm[(r + 2 * q) * LDS + k] = qlr_from_f32<S>(qlr_nf4_deq(lut, byte >> 4, s));
+                    sm[(r + 2 * q + 1) * LDS + k] = qlr_from_f32<S>(qlr_nf4_deq(lut, byte & 15u, s));
+                }
+            } else {
+                for (int q = 0; q < 16; ++q) {
+                    float v = 0.f;
+                    if (gr + q < nrows && gk < nk) {
+                        const long long f = gr + q + (long long)gk * sk;
+                        const unsigned byte = w.packed[f >> 1];
+                        v = qlr_nf4_deq(lut, (f & 1) ? (byte & 15u) : (byte >> 4), qlr_nf4_scale(w, f / w.blocksize));
+                    }
+                    sm[(r + q) * LDS + k] = qlr_from_f32<S>(v);
+                }
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < ROWS * BK; i += NT) {
+            const int r = i / BK, k = i % BK;
+            const int gr = c0 + r, gk = k0 + k;
+            float v = 0.f;
+            if (gr < nrows && gk < nk) {
+                const long long f = (long long)gr * sc + (long long)gk * sk;
+                const unsigned byte = w.packed[f >> 1];
+                v = qlr_nf4_deq(lut, (f & 1) ? (byte & 15u) : (byte >> 4), qlr_nf4_scale(w, f / w.blocksize));
+            }
+            sm[r * LDS + k] = qlr_from_f32<S>(v);
+        }
+    }
+}
+
+// ---- bf16 tensor-core kernel: 128x128 block tile, BK 32, 8 warps as 2 (m) x 4 (n), warp tile 64x32 ----
+#define MMA_BM 128
+#define MMA_BN 128
+#define MMA_BK 32
+#define MMA_LDS (MMA_BK + 8)  // +16 bytes per row: fragment loads hit 32 distinct banks
+
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_tile_step(float (&acc)[4][4][4], const bf16* As, const bf16* Bs, int wm, int wn,
+                                              int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < MMA_BK; kk += 16) {
+        unsigned a[4][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+            const bf16* p = As + (wm + mi * 16 + g) * MMA_LDS + kk + 2 * t;
+            a[mi][0] = *reinterpret_cast<const unsigned*>(p);
+            a[mi][1] = *reinterpret_cast<const unsigned*>(p + 8 * MMA_LDS);
+            a[mi][2] = *reinterpret_cast<const unsigned*>(p + 8);
+            a[mi][3] = *reinterpret_cast<const unsigned*>(p + 8 * MMA_LDS + 8);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const bf16* p = Bs + (wn + ni * 8 + g) * MMA_LDS + kk + 2 * t;
+            b[ni][0] = *reinterpret_cast<const unsigned*>(p);
+            b[ni][1] = *reinterpret_cast<const unsigned*>(p + 8);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) mma_bf16_16816(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
+template <bool ACC>
+__device__ void linear_mma(const QlrLinear& L) {
+    __shared__ __align__(16) bf16 As[MMA_BM * MMA_LDS];
+    __shared__ __align__(16) bf16 Bs[MMA_BN * MMA_LDS];
+    __shared__ float lut[16];
+    qlr_nf4_lut_to_smem(lut);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    const int m0 = blockIdx.y * MMA_BM, n0 = blockIdx.x * MMA_BN;
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    __syncthreads();
+    // Term 1: a1 · NF4 operand over k1.
+    const bf16* a1 = static_cast<const bf16*>(L.a1);
+    for (int k0 = 0; k0 < L.k1; k0 += MMA_BK) {
+        load_dense<bf16, bf16, MMA_BM, MMA_BK, MMA_LDS, 256>(As, a1, L.k1, 1, m0, k0, L.m, L.k1);
+        load_nf4<bf16, MMA_BN, MMA_BK, MMA_LDS, 256>(Bs, L.w, lut, L.w_sc, L.w_sj, n0, k0, L.n_out, L.k1);
+        __syncthreads();
+        mma_tile_step(acc, As, Bs, wm, wn, lane);
+        __syncthreads();
+    }
+    // Term 2 (LoRA): a2 · dense operand over k2 = R, into the same accumulators.
+    const bf16* a2 = static_cast<const bf16*>(L.a2);
+    const bf16* b2 = static_cast<const bf16*>(L.b2);
+    for (int k0 = 0; k0 < L.k2; k0 += MMA_BK) {
+        load_dense<bf16, bf16, MMA_BM, MMA_BK, MMA_LDS, 256>(As, a2, L.k2, 1, m0, k0, L.m, L.k2);
+        load_dense<bf16, bf16, MMA_BN, MMA_BK, MMA_LDS, 256>(Bs, b2, L.b2_sc, L.b2_sj, n0, k0, L.n_out, L.k2);
+        __syncthreads();
+        mma_tile_step(acc, As, Bs, wm, wn, lane);
+        __syncthreads();
+    }
+    // The single write of the output tile.
+    bf16* out = static_cast<bf16*>(L.out);
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = m0 + wm + mi * 16 + g + 8 * h;
+                const int c = n0 + wn + ni * 8 + 2 * t;
+                if (r >= L.m) continue;
+                bf16* o = out + (long long)r * L.n_out + c;
+                float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
+                if (c + 1 < L.n_out && (reinterpret_cast<unsigned long long>(o) & 3) == 0) {
+                    if (ACC) {
+                        const __nv_bfloat162 old = *reinterpret_cast<const __nv_bfloat162*>(o);
+                        v0 += __low2float(old);
+                        v1 += __high2float(old);
+                    }
+                    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
+                } else {
+                    if (c < L.n_out) o[0] = __float2bfloat16_rn(ACC ? v0 + __bfloat162float(o[0]) : v0);
+                    if (c + 1 < L.n_out) o[1] = __float2bfloat16_rn(ACC ? v1 + __bfloat162float(o[1]) : v1);
+                }
+            }
+}
+
+// ---- f32 SIMT kernel: 64x64 block tile, BK 16, 256 threads, 4x4 outputs per thread ----
+#define SIMT_BM 64
+#define SIMT_BN 64
+#define SIMT_BK 16
+#define SIMT_LDS (SIMT_BK + 1)
+
+template <bool ACC>
+__device__ void linear_simt(const QlrLinear& L) {
+    __shared__ float As[SIMT_BM * SIMT_LDS];
+    __shared__ float Bs[SIMT_BN * SIMT_LDS];
+    __shared__ float lut[16];
+    qlr_nf4_lut_to_smem(lut);
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    const int m0 = blockIdx.y * SIMT_BM, n0 = blockIdx.x * SIMT_BN;
+    float acc[4][4] = {};
+    __syncthreads();
+    const float* a1 = static_cast<const float*>(L.a1);
+    for (int k0 = 0; k0 < L.k1; k0 += SIMT_BK) {
+        load_dense<float, float, SIMT_BM, SIMT_BK, SIMT_LDS, 256>(As, a1, L.k1, 1, m0, k0, L.m, L.k1);
+        load_nf4<float, SIMT_BN, SIMT_BK, SIMT_LDS, 256>(Bs, L.w, lut, L.w_sc, L.w_sj, n0, k0, L.n_out, L.k1);
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < SIMT_BK; ++k)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    acc[i][j] = fmaf(As[(ty + 16 * i) * SIMT_LDS + k], Bs[(tx + 16 * j) * SIMT_LDS + k], acc[i][j]);
+        __syncthreads();
+    }
+    const float* a2 = static_cast<const float*>(L.a2);
+    const float* b2 = static_cast<const float*>(L.b2);
+    for (int k0 = 0; k0 < L.k2; k0 += SIMT_BK) {
+        load_dense<float, float, SIMT_BM, SIMT_BK, SIMT_LDS, 256>(As, a2, L.k2, 1, m0, k0, L.m, L.k2);
+        load_dense<float, float, SIMT_BN, SIMT_BK, SIMT_LDS, 256>(Bs, b2, L.b2_sc, L.b2_sj, n0, k0, L.n_out, L.k2);
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < SIMT_BK; ++k)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    acc[i][j] = fmaf(As[(ty + 16 * i) * SIMT_LDS + k], Bs[(tx + 16 * j) * SIMT_LDS + k], acc[i][j]);
+        __syncthreads();
+    }
+    float* out = static_cast<float*>(L.out);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = m0 + ty + 16 * i, c = n0 + tx + 16 * j;
+            if (r < L.m && c < L.n_out) {
+                float* o = out + (long long)r * L.n_out + c;
+                *o = ACC ? *o + acc[i][j] : acc[i][j];
+            }
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_fwd_bf16(QlrLinear L) { linear_mma<false>(L); }
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_bwd_bf16(QlrLinear L) { linear_mma<false>(L); }
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_bwd_acc_bf16(QlrLinear L) { linear_mma<true>(L); }
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_fwd_f32(QlrLinear L) { linear_simt<false>(L); }
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_bwd_f32(QlrLinear L) { linear_simt<false>(L); }
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_bwd_acc_f32(QlrLinear L) { linear_simt<true>(L); }
+
+// ---- lora_proj: out (m, r) T = scale · a (m, k) · Bop, Bop element (k, j) at b[k*sbk + j*sbj] ----
+// Block: 32 rows of `a`, k in chunks of 64 staged in shared memory; each thread owns
+// (32·r)/256 outputs. `a` is read once from global memory; Bop (r·k, small) is re-read per block.
+#define PROJ_MT 32
+#define PROJ_KC 64
+#define PROJ_RMAX 128
+template <typename T>
+__device__ void lora_proj(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ b, long long sbk,
+                          long long sbj, int m, int k, int r, float scale) {
+    __shared__ float As[PROJ_MT][PROJ_KC + 1];
+    __shared__ float Bs[PROJ_RMAX][PROJ_KC + 1];
+    const int m0 = blockIdx.x * PROJ_MT;
+    const int per = (PROJ_MT * r + 255) / 256;  // outputs per thread, <= 16 for r <= 128
+    float acc[16];
+#pragma unroll
+    for (int q = 0; q < 16; ++q) acc[q] = 0.f;
+    for (int k0 = 0; k0 < k; k0 += PROJ_KC) {
+        for (int i = threadIdx.x; i < PROJ_MT * PROJ_KC; i += 256) {
+            const int rr = i / PROJ_KC, kk = i % PROJ_KC;
+            As[rr][kk] = (m0 + rr < m && k0 + kk < k) ? qlr_to_f32(a[(long long)(m0 + rr) * k + k0 + kk]) : 0.f;
+        }
+        if (sbk == 1) {
+            for (int i = threadIdx.x; i < r * PROJ_KC; i += 256) {
+                const int j = i / PROJ_KC, kk = i % PROJ_KC;
+                Bs[j][kk] = k0 + kk < k ? qlr_to_f32(b[(long long)(k0 + kk) + (long long)j * sbj]) : 0.f;
+            }
+        } else {
+            for (int i = threadIdx.x; i < r * PROJ_KC; i += 256) {
+                const int kk = i / r, j = i % r;
+                Bs[j][kk] = k0 + kk < k ? qlr_to_f32(b[(long long)(k0 + kk) * sbk + (long long)j * sbj]) : 0.f;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+            if (q < per) {
+                const int o = threadIdx.x + 256 * q;  // output index rr * r + j
+                if (o < PROJ_MT * r) {
+                    const int rr = o / r, j = o % r;
+                    float s = acc[q];
+#pragma unroll 8
+                    for (int kk = 0; kk < PROJ_KC; ++kk) s = fmaf(As[rr][kk], Bs[j][kk], s);
+                    acc[q] = s;
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int q = 0; q < 16; ++q) {
+        if (q < per) {
+            const int o = threadIdx.x + 256 * q;
+            if (o < PROJ_MT * r) {
+                const int rr = o / r, j = o % r;
+                if (m0 + rr < m) out[(long long)(m0 + rr) * r + j] = qlr_from_f32<T>(scale * acc[q]);
+            }
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_lora_proj_fwd_f32(float* out, const float* a, const float* b,
+                                                                             long long sbk, long long sbj, int m, int k,
+                                                                             int r, float scale) {
+    lora_proj<float>(out, a, b, sbk, sbj, m, k, r, scale);
+}
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_lora_proj_fwd_bf16(bf16* out, const bf16* a, const bf16* b,
+                                                                              long long sbk, long long sbj, int m, int k,
+                                                                              int r, float scale) {
+    lora_proj<bf16>(out, a, b, sbk, sbj, m, k, r, scale);
+}
+
+// ---- lora_grad: c (p, q) f32 += Σ_m l[m, p] · rr[m, q]; l (m, p) and rr (m, q) row-major T ----
+// 64x64 output tiles, the m reduction split over gridDim.z slices of `m_per` rows, combined with
+// f32 atomics (the `_acc` contract: c must hold the running gradient, e.g. zeros).
+template <typename T>
+__device__ void lora_grad(float* __restrict__ c, const T* __restrict__ l, const T* __restrict__ rr, int m, int p,
+                          int q, int m_per) {
+    __shared__ float Ls[16][64];
+    __shared__ float Rs[16][64];
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    const int p0 = blockIdx.y * 64, q0 = blockIdx.x * 64;
+    const int mb = blockIdx.z * m_per, me = min(m, mb + m_per);
+    float acc[4][4] = {};
+    for (int k0 = mb; k0 < me; k0 += 16) {
+        for (int i = threadIdx.x; i < 16 * 64; i += 256) {
+            const int kk = i / 64, j = i % 64;
+            const int gm = k0 + kk;
+            Ls[kk][j] = (gm < me && p0 + j < p) ? qlr_to_f32(l[(long long)gm * p + p0 + j]) : 0.f;
+            Rs[kk][j] = (gm < me && q0 + j < q) ? qlr_to_f32(rr[(long long)gm * q + q0 + j]) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < 16; ++kk)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(Ls[kk][ty + 16 * i], Rs[kk][tx + 16 * j], acc[i][j]);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int pi = p0 + ty + 16 * i, qj = q0 + tx + 16 * j;
+            if (pi < p && qj < q) atomicAdd(c + (long long)pi * q + qj, acc[i][j]);
+        }
+}
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_lora_grad_bwd_acc_f32(float* c, const float* l,
+                                                                                 const float* rr, int m, int p, int q,
+                                                                                 int m_per) {
+    lora_grad<float>(c, l, rr, m, p, q, m_per);
+}
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_lora_grad_bwd_acc_bf16(float* c, const bf16* l,
+                                                                                  const bf16* rr, int m, int p, int q,
+                                                                                  int m_per) {
+    lora_grad<bf16>(c, l, rr, m, p, q, m_per);
+}

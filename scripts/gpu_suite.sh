@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Lane C (design.md §4–5): run qlora-cuda's GPU tests and benches on the GPU machine, which
+# has CUDA 13.0 in /usr/local/cuda but no Rust and no network.
+#
+#   Here (build machine):   bash scripts/gpu_suite.sh build [DEST]
+#       Builds release test binaries of qlora-cuda and the `linear` bench, copies them stripped
+#       into DEST (default: <repo>/gpu, ignored by git). The device tool sends the checkout the
+#       session started in: DEST must be inside THAT checkout (e.g. the lead's main repo).
+#   There (device machine, from the repo root, with `carry: ["gpu"]`):
+#       bash scripts/gpu_suite.sh run
+#       Runs every #[ignore]d GPU test one at a time, then the benches; logs go to $OUT
+#       (the device tool's return folder) or gpu/logs.
+#
+# The test binaries find the fixtures through QLORA_REPO_ROOT (set below to the cwd), NVRTC and
+# cuBLAS through LD_LIBRARY_PATH, the CUDA headers through QLORA_CUDA_INCLUDE, and cache
+# compiled kernels in QLORA_KERNEL_CACHE.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cmd="${1:-}"
+
+case "$cmd" in
+build)
+    DEST="${2:-$ROOT/gpu}"
+    mkdir -p "$DEST"
+    cd "$ROOT"
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+    # Test binaries (integration tests and unit tests) of qlora-cuda, release profile.
+    mapfile -t tests < <(cargo test -p qlora-cuda --release --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import sys, json
+for l in sys.stdin:
+    try: m = json.loads(l)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"] + " " + m["executable"])')
+    [[ ${#tests[@]} -gt 0 ]] || { echo "gpu_suite: no test binaries built" >&2; exit 1; }
+    for t in "${tests[@]}"; do
+        name="${t%% *}"; exe="${t#* }"
+        cp "$exe" "$DEST/test-$name"
+        strip "$DEST/test-$name" 2>/dev/null || true
+    done
+    bench="$(cargo bench -p qlora-cuda --bench linear --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import sys, json
+for l in sys.stdin:
+    try: m = json.loads(l)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)"
+    cp "$bench" "$DEST/bench-linear"
+    strip "$DEST/bench-linear" 2>/dev/null || true
+    cp "$ROOT/scripts/gpu_suite.sh" "$DEST/gpu_suite.sh"
+    du -sh "$DEST"
+    ls -la "$DEST"
+    echo "gpu_suite: now call the device tool with carry [\"gpu\"] and: bash gpu/gpu_suite.sh run"
+    ;;
+run)
+    # Runs from the repo root on the device machine.
+    cd "$(pwd)"
+    LOG="${OUT:-gpu/logs}"
+    mkdir -p "$LOG"
+    export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+    export QLORA_CUDA_INCLUDE="${QLORA_CUDA_INCLUDE:-/usr/local/cuda/include}"
+    export QLORA_REPO_ROOT="$(pwd)"
+    export QLORA_KERNEL_CACHE="${QLORA_KERNEL_CACHE:-/tmp/qlora-kernels}"
+    nvidia-smi 2>&1 | tee "$LOG/nvidia-smi.log" || true
+    status=0
+    for t in gpu/test-*; do
+        name="$(basename "$t")"
+        echo "=== $name"
+        # --ignored runs exactly the GPU tests; one thread: one device, readable logs.
+        if ! "$t" --ignored --test-threads=1 2>&1 | tee "$LOG/$name.log"; then status=1; fi
+    done
+    echo "=== bench-linear"
+    gpu/bench-linear 2>&1 | tee "$LOG/bench-linear.log" || status=1
+    exit $status
+    ;;
+*)
+    echo "usage: $0 build [DEST] | run" >&2
+    exit 2
+    ;;
+esac
