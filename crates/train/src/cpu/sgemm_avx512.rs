@@ -19,8 +19,8 @@ use super::SendPtr;
 const MR: usize = 12;
 const NR: usize = 32;
 const KC: usize = 256;
-const MC: usize = 96;
-const NC: usize = 2048;
+const MC: usize = 516;
+const NC: usize = 8192;
 
 /// Does this CPU run the AVX-512 kernel? (`QLORA_NO_AVX512=1` forces the `gemm` crate, to
 /// compare the two.)
@@ -31,9 +31,10 @@ pub fn available() -> bool {
     })
 }
 
-/// Register tile: `c (MR rows, stride c_rs) += Σ_p a[p·MR + i] · b[p·NR + j]`.
+/// Register tile: `c (MR rows, stride c_rs) (+)= Σ_p a[p·MR + i] · b[p·NR + j]`; `add`
+/// false overwrites (the first k-block of a non-accumulating product, so C is never zeroed).
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: usize) {
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: usize, add: bool) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..kc {
         let b0 = _mm512_loadu_ps(b.add(p * NR));
@@ -47,11 +48,16 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: usi
     }
     for (i, row) in acc.iter().enumerate() {
         let cp = c.add(i * c_rs);
-        _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
-        _mm512_storeu_ps(
-            cp.add(16),
-            _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
-        );
+        if add {
+            _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
+            _mm512_storeu_ps(
+                cp.add(16),
+                _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
+            );
+        } else {
+            _mm512_storeu_ps(cp, row[0]);
+            _mm512_storeu_ps(cp.add(16), row[1]);
+        }
     }
 }
 
@@ -140,6 +146,56 @@ fn offset_cols(b: Mat, j0: usize) -> Mat {
     }
 }
 
+thread_local! {
+    /// Per-thread packing buffers (B panels, A panels), reused across calls: allocating and
+    /// page-faulting megabytes per GEMM showed up in profiles.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Pack the (kc × n) block of B at `b` into NR-wide panels `dst[panel][p·NR + jj]`,
+/// zero-padding the last panel. Loops run over p outermost so writes are contiguous and the
+/// reads of a transposed operand walk NR rows in step.
+unsafe fn pack_b(dst: &mut [f32], b: Mat, kc: usize, n: usize) {
+    for (panel, j0) in (0..n).step_by(NR).enumerate() {
+        let out = &mut dst[panel * KC * NR..panel * KC * NR + kc * NR];
+        let w = NR.min(n - j0);
+        let base = b.p.offset(j0 as isize * b.cs);
+        for p in 0..kc {
+            let row = &mut out[p * NR..p * NR + NR];
+            let src = base.offset(p as isize * b.rs);
+            if b.cs == 1 {
+                // an inline loop, not copy_from_slice: a 32-float memmove call per row
+                // showed up in profiles
+                for (jj, o) in row[..w].iter_mut().enumerate() {
+                    *o = *src.add(jj);
+                }
+            } else {
+                for (jj, o) in row[..w].iter_mut().enumerate() {
+                    *o = *src.offset(jj as isize * b.cs);
+                }
+            }
+            row[w..].iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
+/// Pack α·(mc × kc) of A at `a` into MR-tall panels `dst[panel][p·MR + i]`, zero-padded.
+unsafe fn pack_a(dst: &mut [f32], a: Mat, mc: usize, kc: usize, alpha: f32) {
+    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+        let out = &mut dst[panel * KC * MR..panel * KC * MR + kc * MR];
+        let h = MR.min(mc - i0);
+        let base = a.p.offset(i0 as isize * a.rs);
+        for p in 0..kc {
+            let col = &mut out[p * MR..p * MR + MR];
+            let src = base.offset(p as isize * a.cs);
+            for (i, o) in col[..h].iter_mut().enumerate() {
+                *o = alpha * *src.offset(i as isize * a.rs);
+            }
+            col[h..].iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     m: usize,
@@ -152,77 +208,75 @@ unsafe fn block(
     b: Mat,
     alpha: f32,
 ) {
-    if !acc {
+    if !acc && k == 0 {
         for i in 0..m {
             std::ptr::write_bytes(c.add(i * c_rs), 0, n);
         }
     }
-    let mut bpack = vec![0f32; KC * n.div_ceil(NR) * NR];
-    let mut apack = vec![0f32; KC * MC.div_ceil(MR) * MR];
-    let mut tile = [0f32; MR * NR];
-    for pc in (0..k).step_by(KC) {
-        let kc = KC.min(k - pc);
-        // B block (kc × n) into panels of NR columns: bpack[panel][p·NR + jj]
-        for (panel, j0) in (0..n).step_by(NR).enumerate() {
-            let dst = &mut bpack[panel * KC * NR..panel * KC * NR + kc * NR];
-            let w = NR.min(n - j0);
-            for jj in 0..NR {
-                if jj < w {
-                    let src =
-                        b.p.offset((pc as isize) * b.rs + ((j0 + jj) as isize) * b.cs);
-                    for p in 0..kc {
-                        dst[p * NR + jj] = *src.offset(p as isize * b.rs);
-                    }
-                } else {
-                    for p in 0..kc {
-                        dst[p * NR + jj] = 0.0;
-                    }
-                }
-            }
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (bpack, apack) = &mut *s;
+        let (nb, na) = (KC * n.div_ceil(NR) * NR, KC * MC.div_ceil(MR) * MR);
+        if bpack.len() < nb {
+            bpack.resize(nb, 0.0);
         }
-        for ic in (0..m).step_by(MC) {
-            let mc = MC.min(m - ic);
-            // α·A block (mc × kc) into panels of MR rows: apack[panel][p·MR + i]
-            for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-                let dst = &mut apack[panel * KC * MR..panel * KC * MR + kc * MR];
-                let h = MR.min(mc - i0);
-                for i in 0..MR {
-                    if i < h {
-                        let src =
-                            a.p.offset(((ic + i0 + i) as isize) * a.rs + (pc as isize) * a.cs);
-                        for p in 0..kc {
-                            dst[p * MR + i] = alpha * *src.offset(p as isize * a.cs);
-                        }
-                    } else {
-                        for p in 0..kc {
-                            dst[p * MR + i] = 0.0;
-                        }
-                    }
-                }
-            }
-            for (bpanel, j0) in (0..n).step_by(NR).enumerate() {
-                let w = NR.min(n - j0);
-                let bp = bpack.as_ptr().add(bpanel * KC * NR);
-                for (apanel, i0) in (0..mc).step_by(MR).enumerate() {
-                    let h = MR.min(mc - i0);
-                    let ap = apack.as_ptr().add(apanel * KC * MR);
-                    let cij = c.add((ic + i0) * c_rs + j0);
-                    if h == MR && w == NR {
-                        kernel(kc, ap, bp, cij, c_rs);
-                    } else {
-                        // Edge tile: compute into a zeroed local tile, add the valid part.
-                        tile.iter_mut().for_each(|x| *x = 0.0);
-                        kernel(kc, ap, bp, tile.as_mut_ptr(), NR);
-                        for i in 0..h {
-                            for j in 0..w {
-                                *cij.add(i * c_rs + j) += tile[i * NR + j];
+        if apack.len() < na {
+            apack.resize(na, 0.0);
+        }
+        let mut tile = [0f32; MR * NR];
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            // The first k-block of an overwriting product stores instead of adding.
+            let add = acc || pc > 0;
+            pack_b(
+                bpack,
+                Mat {
+                    p: b.p.offset(pc as isize * b.rs),
+                    ..b
+                },
+                kc,
+                n,
+            );
+            for ic in (0..m).step_by(MC) {
+                let mc = MC.min(m - ic);
+                pack_a(
+                    apack,
+                    Mat {
+                        p: a.p.offset(ic as isize * a.rs + pc as isize * a.cs),
+                        ..a
+                    },
+                    mc,
+                    kc,
+                    alpha,
+                );
+                for (bpanel, j0) in (0..n).step_by(NR).enumerate() {
+                    let w = NR.min(n - j0);
+                    let bp = bpack.as_ptr().add(bpanel * KC * NR);
+                    for (apanel, i0) in (0..mc).step_by(MR).enumerate() {
+                        let h = MR.min(mc - i0);
+                        let ap = apack.as_ptr().add(apanel * KC * MR);
+                        let cij = c.add((ic + i0) * c_rs + j0);
+                        if h == MR && w == NR {
+                            kernel(kc, ap, bp, cij, c_rs, add);
+                        } else {
+                            // Edge tile: compute into a local tile, store/add the valid part.
+                            kernel(kc, ap, bp, tile.as_mut_ptr(), NR, false);
+                            for i in 0..h {
+                                for j in 0..w {
+                                    let cv = cij.add(i * c_rs + j);
+                                    *cv = if add {
+                                        *cv + tile[i * NR + j]
+                                    } else {
+                                        tile[i * NR + j]
+                                    };
+                                }
                             }
                         }
                     }
                 }
             }
         }
-    }
+    });
 }
 
 #[cfg(test)]
