@@ -56,6 +56,9 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a concurrent writer truncating the file is outside the
         // contract of every checkpoint reader (transformers and safetensors map files too).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Nf4Error::io(path, e))?;
+        // Checkpoints are read front to back: let the kernel read ahead aggressively.
+        #[cfg(unix)]
+        let _ = mmap.advise(memmap2::Advice::Sequential);
         let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap());
         if header_len > MAX_HEADER_BYTES || 8 + header_len > len {
             return Err(bad(format!("header length {header_len} exceeds the file size {len} (truncated or not safetensors)")));
@@ -128,6 +131,21 @@ impl SafetensorsFile {
             Nf4Error::MissingTensor(format!("{name} (in {})", self.path.display()))
         })?;
         Ok(&self.mmap[self.data_start + t.start..self.data_start + t.end])
+    }
+
+    /// Ask the kernel to start reading a tensor's pages now (it is about to be used).
+    pub fn prefetch(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(t) = self.tensors.get(name) {
+            let start = (self.data_start + t.start) / 4096 * 4096;
+            let _ = self.mmap.advise_range(
+                memmap2::Advice::WillNeed,
+                start,
+                self.data_start + t.end - start,
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = name;
     }
 
     /// Let the kernel drop the cached pages of a tensor we are done with, so that streaming
@@ -340,6 +358,12 @@ impl ModelWeights {
     pub fn release(&self, name: &str) {
         if let Ok(f) = self.file_of(name) {
             f.release(name);
+        }
+    }
+
+    pub fn prefetch(&self, name: &str) {
+        if let Ok(f) = self.file_of(name) {
+            f.prefetch(name);
         }
     }
 
