@@ -301,10 +301,21 @@ impl ModelWeights {
                 files: vec![f],
                 index,
             })
+        } else if dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists()
+        {
+            Err(Nf4Error::Io {
+                path: dir.into(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "has only pytorch_model.bin (pickle) weights, which are not read for safety; \
+                     convert them to safetensors first (transformers: save_pretrained(..., safe_serialization=True))",
+                ),
+            })
         } else {
             Err(Nf4Error::Io {
                 path: dir.into(),
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no model.safetensors or model.safetensors.index.json in this directory",
                 ),
