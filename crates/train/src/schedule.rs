@@ -668,18 +668,15 @@ pub fn forward_backward<B: Backend>(
     let mut saved: Vec<LayerSaved<B>> = Vec::new();
     let mut inputs: Vec<B::Buf> = Vec::new();
     if opts.checkpointing {
-        // One save set reused by every layer; only the layer inputs persist.
-        let mut s = LayerSaved::new(be, &dm, layout, 0);
+        // Only the layer inputs persist; the layer's working set is dropped after each layer
+        // (save = false: nothing is copied into it for backward).
         for l in 0..nl {
             let mut x = be.zeros(n * c);
             be.copy(&mut x, 0, &h, 0, n * c);
             inputs.push(x);
-            if l > 0 {
-                s = LayerSaved::new(be, &dm, layout, l);
-            }
+            let mut s = LayerSaved::new(be, &dm, layout, l);
             cx.layer_fwd(l, &mut h, &mut s, &mut tmp, false, None);
         }
-        saved.push(s);
     } else {
         for l in 0..nl {
             let mut s = LayerSaved::new(be, &dm, layout, l);

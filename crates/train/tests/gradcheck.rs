@@ -3,7 +3,9 @@
 //! Each op is checked through the scalar `L = Σ r ⊙ out` with a fixed random `r`, so the
 //! analytic gradient is `bwd(d_out = r)`.
 
-use qlora_train::cpu::{attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu};
+use qlora_train::cpu::{
+    attention, cross_entropy, dense_linear, embedding, nf4_lora_linear, rmsnorm, rope, swiglu,
+};
 use qlora_train::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -198,7 +200,7 @@ fn linear_case(dropout: Option<Dropout>, seed: u64) {
     let run = |x: &[f64], p: &[f64]| {
         let mut y = vec![0.0; n * o];
         let mut u = vec![0.0; n * rk];
-        linear::fwd(
+        nf4_lora_linear::fwd(
             &mut y,
             Some(&mut u),
             x,
@@ -212,7 +214,7 @@ fn linear_case(dropout: Option<Dropout>, seed: u64) {
     let (_, u) = run(&x, &params);
     let mut dx = vec![0.0; n * i];
     let mut grads = vec![0.0; params.len()];
-    linear::bwd(
+    nf4_lora_linear::bwd(
         Some(&mut dx),
         false,
         Some(&mut grads),
@@ -236,7 +238,7 @@ fn linear_case(dropout: Option<Dropout>, seed: u64) {
         .all(|&g| g == 0.0));
     // accumulate mode adds
     let mut dx2 = vec![1.0; n * i];
-    linear::bwd(
+    nf4_lora_linear::bwd(
         Some(&mut dx2),
         true,
         None,
@@ -275,12 +277,12 @@ fn dense_linear_bwd() {
     let r = rnd(&mut rng, 12);
     let run = |x: &[f64], w: &[f64]| {
         let mut y = vec![0.0; 12];
-        linear::dense_fwd(&mut y, x, w, dims);
+        dense_linear::fwd(&mut y, x, w, dims);
         dot(&y, &r)
     };
     let mut dx = vec![0.0; 20];
     let mut dw = vec![0.0; 15];
-    linear::dense_bwd(&mut dx, &mut dw, &r, &x, &w, dims);
+    dense_linear::bwd_acc_dw(&mut dx, &mut dw, &r, &x, &w, dims);
     check("dense_linear d_x", &x, &dx, |x| run(x, &w));
     check("dense_linear d_w", &w, &dw, |w| run(&x, w));
 }

@@ -2,7 +2,10 @@
 
 use std::marker::PhantomData;
 
-use super::{add_acc, attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu, Real};
+use super::{
+    add_acc, attention, cross_entropy, dense_linear, embedding, nf4_lora_linear, rmsnorm, rope,
+    swiglu, Real,
+};
 use crate::backend::{AttnDims, Backend, FrozenWeight, LinearDims, LoraArgs, RopeDims};
 use crate::error::{Result, TrainError};
 
@@ -206,7 +209,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         lora: Option<(&Vec<T>, LoraArgs<'_>)>,
         dims: LinearDims,
     ) {
-        linear::fwd(
+        nf4_lora_linear::fwd(
             y,
             u.map(|u| u.as_mut_slice()),
             x,
@@ -228,7 +231,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         lora: Option<(&Vec<T>, LoraArgs<'_>)>,
         dims: LinearDims,
     ) {
-        linear::bwd(
+        nf4_lora_linear::bwd(
             d_x.map(|d| d.as_mut_slice()),
             acc_dx,
             grads.map(|g| g.as_mut_slice()),
@@ -250,7 +253,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         dims: LinearDims,
     ) {
         let n = dims.in_features * dims.out_features;
-        linear::dense_fwd(y, x, &params[w_off..w_off + n], dims)
+        dense_linear::fwd(y, x, &params[w_off..w_off + n], dims)
     }
     fn dense_linear_bwd(
         &self,
@@ -263,7 +266,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         dims: LinearDims,
     ) {
         let n = dims.in_features * dims.out_features;
-        linear::dense_bwd(
+        dense_linear::bwd_acc_dw(
             d_x,
             &mut grads[w_off..w_off + n],
             d_y,

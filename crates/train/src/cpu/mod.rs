@@ -3,8 +3,9 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod dense_linear;
 pub mod embedding;
-pub mod linear;
+pub mod nf4_lora_linear;
 pub mod rmsnorm;
 pub mod rope;
 #[cfg(target_arch = "x86_64")]

@@ -19,8 +19,8 @@ use super::SendPtr;
 const MR: usize = 12;
 const NR: usize = 32;
 const KC: usize = 256;
-const MC: usize = 96;
-const NC: usize = 2048;
+const MC: usize = 516;
+const NC: usize = 8192;
 
 /// Does this CPU run the AVX-512 kernel? (`QLORA_NO_AVX512=1` forces the `gemm` crate, to
 /// compare the two.)
@@ -140,6 +140,52 @@ fn offset_cols(b: Mat, j0: usize) -> Mat {
     }
 }
 
+thread_local! {
+    /// Per-thread packing buffers (B panels, A panels), reused across calls: allocating and
+    /// page-faulting megabytes per GEMM showed up in profiles.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Pack the (kc × n) block of B at `b` into NR-wide panels `dst[panel][p·NR + jj]`,
+/// zero-padding the last panel. Loops run over p outermost so writes are contiguous and the
+/// reads of a transposed operand walk NR rows in step.
+unsafe fn pack_b(dst: &mut [f32], b: Mat, kc: usize, n: usize) {
+    for (panel, j0) in (0..n).step_by(NR).enumerate() {
+        let out = &mut dst[panel * KC * NR..panel * KC * NR + kc * NR];
+        let w = NR.min(n - j0);
+        let base = b.p.offset(j0 as isize * b.cs);
+        for p in 0..kc {
+            let row = &mut out[p * NR..p * NR + NR];
+            let src = base.offset(p as isize * b.rs);
+            if b.cs == 1 {
+                row[..w].copy_from_slice(std::slice::from_raw_parts(src, w));
+            } else {
+                for (jj, o) in row[..w].iter_mut().enumerate() {
+                    *o = *src.offset(jj as isize * b.cs);
+                }
+            }
+            row[w..].iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
+/// Pack α·(mc × kc) of A at `a` into MR-tall panels `dst[panel][p·MR + i]`, zero-padded.
+unsafe fn pack_a(dst: &mut [f32], a: Mat, mc: usize, kc: usize, alpha: f32) {
+    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+        let out = &mut dst[panel * KC * MR..panel * KC * MR + kc * MR];
+        let h = MR.min(mc - i0);
+        let base = a.p.offset(i0 as isize * a.rs);
+        for p in 0..kc {
+            let col = &mut out[p * MR..p * MR + MR];
+            let src = base.offset(p as isize * a.cs);
+            for (i, o) in col[..h].iter_mut().enumerate() {
+                *o = alpha * *src.offset(i as isize * a.rs);
+            }
+            col[h..].iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     m: usize,
@@ -157,72 +203,64 @@ unsafe fn block(
             std::ptr::write_bytes(c.add(i * c_rs), 0, n);
         }
     }
-    let mut bpack = vec![0f32; KC * n.div_ceil(NR) * NR];
-    let mut apack = vec![0f32; KC * MC.div_ceil(MR) * MR];
-    let mut tile = [0f32; MR * NR];
-    for pc in (0..k).step_by(KC) {
-        let kc = KC.min(k - pc);
-        // B block (kc × n) into panels of NR columns: bpack[panel][p·NR + jj]
-        for (panel, j0) in (0..n).step_by(NR).enumerate() {
-            let dst = &mut bpack[panel * KC * NR..panel * KC * NR + kc * NR];
-            let w = NR.min(n - j0);
-            for jj in 0..NR {
-                if jj < w {
-                    let src =
-                        b.p.offset((pc as isize) * b.rs + ((j0 + jj) as isize) * b.cs);
-                    for p in 0..kc {
-                        dst[p * NR + jj] = *src.offset(p as isize * b.rs);
-                    }
-                } else {
-                    for p in 0..kc {
-                        dst[p * NR + jj] = 0.0;
-                    }
-                }
-            }
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (bpack, apack) = &mut *s;
+        let (nb, na) = (KC * n.div_ceil(NR) * NR, KC * MC.div_ceil(MR) * MR);
+        if bpack.len() < nb {
+            bpack.resize(nb, 0.0);
         }
-        for ic in (0..m).step_by(MC) {
-            let mc = MC.min(m - ic);
-            // α·A block (mc × kc) into panels of MR rows: apack[panel][p·MR + i]
-            for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-                let dst = &mut apack[panel * KC * MR..panel * KC * MR + kc * MR];
-                let h = MR.min(mc - i0);
-                for i in 0..MR {
-                    if i < h {
-                        let src =
-                            a.p.offset(((ic + i0 + i) as isize) * a.rs + (pc as isize) * a.cs);
-                        for p in 0..kc {
-                            dst[p * MR + i] = alpha * *src.offset(p as isize * a.cs);
-                        }
-                    } else {
-                        for p in 0..kc {
-                            dst[p * MR + i] = 0.0;
-                        }
-                    }
-                }
-            }
-            for (bpanel, j0) in (0..n).step_by(NR).enumerate() {
-                let w = NR.min(n - j0);
-                let bp = bpack.as_ptr().add(bpanel * KC * NR);
-                for (apanel, i0) in (0..mc).step_by(MR).enumerate() {
-                    let h = MR.min(mc - i0);
-                    let ap = apack.as_ptr().add(apanel * KC * MR);
-                    let cij = c.add((ic + i0) * c_rs + j0);
-                    if h == MR && w == NR {
-                        kernel(kc, ap, bp, cij, c_rs);
-                    } else {
-                        // Edge tile: compute into a zeroed local tile, add the valid part.
-                        tile.iter_mut().for_each(|x| *x = 0.0);
-                        kernel(kc, ap, bp, tile.as_mut_ptr(), NR);
-                        for i in 0..h {
-                            for j in 0..w {
-                                *cij.add(i * c_rs + j) += tile[i * NR + j];
+        if apack.len() < na {
+            apack.resize(na, 0.0);
+        }
+        let mut tile = [0f32; MR * NR];
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            pack_b(
+                bpack,
+                Mat {
+                    p: b.p.offset(pc as isize * b.rs),
+                    ..b
+                },
+                kc,
+                n,
+            );
+            for ic in (0..m).step_by(MC) {
+                let mc = MC.min(m - ic);
+                pack_a(
+                    apack,
+                    Mat {
+                        p: a.p.offset(ic as isize * a.rs + pc as isize * a.cs),
+                        ..a
+                    },
+                    mc,
+                    kc,
+                    alpha,
+                );
+                for (bpanel, j0) in (0..n).step_by(NR).enumerate() {
+                    let w = NR.min(n - j0);
+                    let bp = bpack.as_ptr().add(bpanel * KC * NR);
+                    for (apanel, i0) in (0..mc).step_by(MR).enumerate() {
+                        let h = MR.min(mc - i0);
+                        let ap = apack.as_ptr().add(apanel * KC * MR);
+                        let cij = c.add((ic + i0) * c_rs + j0);
+                        if h == MR && w == NR {
+                            kernel(kc, ap, bp, cij, c_rs);
+                        } else {
+                            // Edge tile: compute into a zeroed local tile, add the valid part.
+                            tile.iter_mut().for_each(|x| *x = 0.0);
+                            kernel(kc, ap, bp, tile.as_mut_ptr(), NR);
+                            for i in 0..h {
+                                for j in 0..w {
+                                    *cij.add(i * c_rs + j) += tile[i * NR + j];
+                                }
                             }
                         }
                     }
                 }
             }
         }
-    }
+    });
 }
 
 #[cfg(test)]
