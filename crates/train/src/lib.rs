@@ -27,6 +27,7 @@ pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod trainer;
 pub mod lora;
 pub mod model;
 pub mod schedule;
