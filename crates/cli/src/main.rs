@@ -26,6 +26,14 @@ enum Command {
     Dequantize(cmd::dequantize::Args),
     /// Per-tensor dtype, shape, quantization state and size; with --against, quantization error.
     Inspect(cmd::inspect::Args),
+    /// Fine-tune a LoRA adapter (QLoRA on an NF4 base) on the CPU; no arguments: the demo.
+    Train(Box<cmd::train::Args>),
+    /// Loss and perplexity of a model (+ adapter) on a data file.
+    Eval(cmd::eval::Args),
+    /// Fold an adapter into its base and write a plain Hugging Face checkpoint.
+    Merge(cmd::merge::Args),
+    /// Generate text from a prompt with a model (+ adapter), with a KV cache.
+    Generate(cmd::generate::Args),
 }
 
 fn main() {
@@ -43,6 +51,10 @@ fn main() {
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Dequantize(a) => cmd::dequantize::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Train(a) => cmd::train::run(*a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
