@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use crate::backend::{Backend, FrozenWeight};
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
-use crate::lora::Proj;
+use crate::lora::{AdapterWeights, Proj};
 use crate::weights::{MapSource, WeightSource};
 use qlora_nf4::ModelWeights;
 
@@ -192,6 +192,23 @@ impl<B: Backend> Model<B> {
             config,
             nf4_base,
         })
+    }
+
+    /// The frozen weight of `proj` in `layer` as f32 `(out·in,)` (NF4: dequantized exactly),
+    /// with `adapter`'s LoRA merged in when it targets this projection: `deq(W) + S·B·A`
+    /// (PEFT `merge_and_unload`; the input of `qlora merge`).
+    pub fn merged_proj_f32(
+        &self,
+        be: &B,
+        layer: usize,
+        proj: Proj,
+        adapter: Option<&AdapterWeights>,
+    ) -> Vec<f32> {
+        let mut w = be.frozen_to_f32(&self.layers[layer].proj[proj.index()].w);
+        if let Some(slot) = adapter.and_then(|a| a.layout.slot(layer, proj).map(|s| (a, s))) {
+            crate::lora::merge_into(&mut w, slot.1, &slot.0.data);
+        }
+        w
     }
 
     /// A model with random weights of `config`'s shapes (benchmarks, synthetic tests):

@@ -74,6 +74,7 @@ fn lora_merged_f32_logits() {
     let be = CpuBackend::<f32>::new();
     let cfg = ModelConfig::from_dir(&fixture("tiny-llama")).unwrap();
     let w = AdapterWeights::load(&fixture("tiny-llama-lora"), &cfg).unwrap();
+    let base = Model::load(&be, &fixture("tiny-llama"), BaseFormat::Dense).unwrap();
     let dir = qlora_nf4::ModelWeights::open(&fixture("tiny-llama")).unwrap();
     let dir: &dyn WeightSource = &dir;
     let mut src = MapSource::default();
@@ -97,8 +98,7 @@ fn lora_merged_f32_logits() {
         }
         for p in Proj::ALL {
             let name = format!("{}.weight", p.module_path(l));
-            let mut wt = dir.get_f32(&name).unwrap();
-            lora::merge_into(&mut wt, w.layout.slot(l, p).unwrap(), &w.data);
+            let wt = base.merged_proj_f32(&be, l, p, Some(&w));
             src.tensors
                 .insert(name.clone(), (dir.shape(&name).unwrap(), wt));
         }

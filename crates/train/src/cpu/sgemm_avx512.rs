@@ -31,9 +31,10 @@ pub fn available() -> bool {
     })
 }
 
-/// Register tile: `c (MR rows, stride c_rs) += Σ_p a[p·MR + i] · b[p·NR + j]`.
+/// Register tile: `c (MR rows, stride c_rs) (+)= Σ_p a[p·MR + i] · b[p·NR + j]`; `add`
+/// false overwrites (the first k-block of a non-accumulating product, so C is never zeroed).
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: usize) {
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: usize, add: bool) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..kc {
         let b0 = _mm512_loadu_ps(b.add(p * NR));
@@ -47,11 +48,16 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: usi
     }
     for (i, row) in acc.iter().enumerate() {
         let cp = c.add(i * c_rs);
-        _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
-        _mm512_storeu_ps(
-            cp.add(16),
-            _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
-        );
+        if add {
+            _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
+            _mm512_storeu_ps(
+                cp.add(16),
+                _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
+            );
+        } else {
+            _mm512_storeu_ps(cp, row[0]);
+            _mm512_storeu_ps(cp.add(16), row[1]);
+        }
     }
 }
 
@@ -158,7 +164,11 @@ unsafe fn pack_b(dst: &mut [f32], b: Mat, kc: usize, n: usize) {
             let row = &mut out[p * NR..p * NR + NR];
             let src = base.offset(p as isize * b.rs);
             if b.cs == 1 {
-                row[..w].copy_from_slice(std::slice::from_raw_parts(src, w));
+                // an inline loop, not copy_from_slice: a 32-float memmove call per row
+                // showed up in profiles
+                for (jj, o) in row[..w].iter_mut().enumerate() {
+                    *o = *src.add(jj);
+                }
             } else {
                 for (jj, o) in row[..w].iter_mut().enumerate() {
                     *o = *src.offset(jj as isize * b.cs);
@@ -198,7 +208,7 @@ unsafe fn block(
     b: Mat,
     alpha: f32,
 ) {
-    if !acc {
+    if !acc && k == 0 {
         for i in 0..m {
             std::ptr::write_bytes(c.add(i * c_rs), 0, n);
         }
@@ -216,6 +226,8 @@ unsafe fn block(
         let mut tile = [0f32; MR * NR];
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
+            // The first k-block of an overwriting product stores instead of adding.
+            let add = acc || pc > 0;
             pack_b(
                 bpack,
                 Mat {
@@ -245,14 +257,18 @@ unsafe fn block(
                         let ap = apack.as_ptr().add(apanel * KC * MR);
                         let cij = c.add((ic + i0) * c_rs + j0);
                         if h == MR && w == NR {
-                            kernel(kc, ap, bp, cij, c_rs);
+                            kernel(kc, ap, bp, cij, c_rs, add);
                         } else {
-                            // Edge tile: compute into a zeroed local tile, add the valid part.
-                            tile.iter_mut().for_each(|x| *x = 0.0);
-                            kernel(kc, ap, bp, tile.as_mut_ptr(), NR);
+                            // Edge tile: compute into a local tile, store/add the valid part.
+                            kernel(kc, ap, bp, tile.as_mut_ptr(), NR, false);
                             for i in 0..h {
                                 for j in 0..w {
-                                    *cij.add(i * c_rs + j) += tile[i * NR + j];
+                                    let cv = cij.add(i * c_rs + j);
+                                    *cv = if add {
+                                        *cv + tile[i * NR + j]
+                                    } else {
+                                        tile[i * NR + j]
+                                    };
                                 }
                             }
                         }
