@@ -12,10 +12,11 @@
 // dequantizes exactly as nf4.cu (f32 product, one rounding to bf16 for the mma path), so the
 // fused result equals dequantize + GEMM up to summation order.
 // Precision: bf16 uses mma.sync m16n8k16 (bf16 in, f32 accumulate); f32 uses f32 FMA (SIMT).
-// us/vs are stored in T (one rounding of the f32 dot product). lora_grad uses split-K with f32
-// atomics: results are not bitwise deterministic across runs (order of the partial sums).
-// Aliasing: out must not alias any input. Reference: qlora_cuda tests `linear_ref_f64`.
+// us/vs are stored in T. Aliasing: out must not alias any input. Reference: tests/gpu.rs run_linear.
 #include "common.cuh"
+
+// lora_grad uses split-K with f32 atomics: dA/dB are not bitwise deterministic across runs
+// (the order of the partial sums varies).
 
 struct QlrLinear {
     void* out;        // T (m, n_out)
@@ -187,6 +188,85 @@ __device__ __forceinline__ void mma_tile_step(float (&acc)[4][4][4], const bf16*
     }
 }
 
+// ---- register-staged tile loads for the common case (used by linear_mma's pipelined loop) ----
+// Conditions (block-uniform): k1 a multiple of MMA_BK, a1 16-byte aligned with k1 % 8 == 0, and
+// the NF4 operand either k-contiguous (fwd: w_sj == 1, w_sc % 16 == 0) or column-contiguous
+// with whole 16-column groups (bwd: w_sc == 1, w_sj % 16 == 0, n_out % 16 == 0). Each thread
+// stages 2×8 bf16 of a1 and 16 NF4 codes (8 bytes) with their block scale.
+struct MmaStage {
+    uint4 a[2];
+    uint2 w;
+    float ws;
+    bool wv;
+};
+
+__device__ __forceinline__ bool mma_fast_path(const QlrLinear& L) {
+    const bool a_ok = L.k1 % MMA_BK == 0 && (reinterpret_cast<unsigned long long>(L.a1) & 15) == 0;
+    const bool k_contig = L.w_sj == 1 && L.w_sc % 16 == 0;
+    const bool c_contig = L.w_sc == 1 && L.w_sj % 16 == 0 && L.n_out % 16 == 0;
+    return a_ok && (k_contig || c_contig);
+}
+
+__device__ __forceinline__ void mma_stage_load(MmaStage& st, const QlrLinear& L, int m0, int n0, int k0) {
+    const bf16* a1 = static_cast<const bf16*>(L.a1);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int i = threadIdx.x + 256 * q;  // 128 rows × 4 segments of 8
+        const int r = i >> 2, kk = (i & 3) * 8;
+        const int gr = m0 + r;
+        st.a[q] = gr < L.m ? __ldg(reinterpret_cast<const uint4*>(a1 + (long long)gr * L.k1 + k0 + kk))
+                           : make_uint4(0, 0, 0, 0);
+    }
+    long long f;
+    if (L.w_sj == 1) {  // k-contiguous: 128 rows × 2 groups of 16 codes
+        const int r = threadIdx.x >> 1, kk = (threadIdx.x & 1) * 16;
+        st.wv = n0 + r < L.n_out;
+        f = (long long)(n0 + r) * L.w_sc + k0 + kk;
+    } else {  // column-contiguous: 32 reduction rows × 8 groups of 16 columns
+        const int k = threadIdx.x >> 3, rr = (threadIdx.x & 7) * 16;
+        st.wv = n0 + rr < L.n_out;  // n_out % 16 == 0: a group is all in or all out
+        f = (long long)(n0 + rr) + (long long)(k0 + k) * L.w_sj;
+    }
+    if (st.wv) {
+        st.w = __ldg(reinterpret_cast<const uint2*>(L.w.packed + (f >> 1)));
+        st.ws = qlr_nf4_scale(L.w, f / L.w.blocksize);
+    } else {
+        st.w = make_uint2(0, 0);
+        st.ws = 0.f;
+    }
+}
+
+__device__ __forceinline__ void mma_stage_store(const MmaStage& st, const QlrLinear& L, const float* lut, bf16* As,
+                                                bf16* Bs) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int i = threadIdx.x + 256 * q;
+        const int r = i >> 2, kk = (i & 3) * 8;
+        *reinterpret_cast<uint4*>(As + r * MMA_LDS + kk) = st.a[q];
+    }
+    // p[q] packs elements 2q (low half) and 2q+1 (high half) as bf16, in memory order.
+    unsigned p[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const unsigned byte = ((q < 4 ? st.w.x : st.w.y) >> (8 * (q & 3))) & 0xffu;
+        const float lo = st.wv ? qlr_nf4_deq(lut, byte >> 4, st.ws) : 0.f;  // out-of-range rows: zeros
+        const float hi = st.wv ? qlr_nf4_deq(lut, byte & 15u, st.ws) : 0.f;
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        p[q] = *reinterpret_cast<const unsigned*>(&h);
+    }
+    if (L.w_sj == 1) {
+        const int r = threadIdx.x >> 1, kk = (threadIdx.x & 1) * 16;
+        uint4* dst = reinterpret_cast<uint4*>(Bs + r * MMA_LDS + kk);
+        dst[0] = make_uint4(p[0], p[1], p[2], p[3]);
+        dst[1] = make_uint4(p[4], p[5], p[6], p[7]);
+    } else {
+        const int k = threadIdx.x >> 3, rr = (threadIdx.x & 7) * 16;
+#pragma unroll
+        for (int q = 0; q < 16; ++q)
+            Bs[(rr + q) * MMA_LDS + k] = __ushort_as_bfloat16((unsigned short)(p[q >> 1] >> (16 * (q & 1))));
+    }
+}
+
 template <bool ACC>
 __device__ void linear_mma(const QlrLinear& L) {
     __shared__ __align__(16) bf16 As[MMA_BM * MMA_LDS];
@@ -206,12 +286,26 @@ __device__ void linear_mma(const QlrLinear& L) {
     __syncthreads();
     // Term 1: a1 · NF4 operand over k1.
     const bf16* a1 = static_cast<const bf16*>(L.a1);
-    for (int k0 = 0; k0 < L.k1; k0 += MMA_BK) {
-        load_dense<bf16, bf16, MMA_BM, MMA_BK, MMA_LDS, 256>(As, a1, L.k1, 1, m0, k0, L.m, L.k1);
-        load_nf4<bf16, MMA_BN, MMA_BK, MMA_LDS, 256>(Bs, L.w, lut, L.w_sc, L.w_sj, n0, k0, L.n_out, L.k1);
-        __syncthreads();
-        mma_tile_step(acc, As, Bs, wm, wn, lane);
-        __syncthreads();
+    if (mma_fast_path(L)) {
+        // Software pipeline through registers: the global loads of tile k+1 are in flight while
+        // the tensor cores work on tile k (the plain loop below waits for each load).
+        MmaStage st;
+        mma_stage_load(st, L, m0, n0, 0);
+        for (int k0 = 0; k0 < L.k1; k0 += MMA_BK) {
+            mma_stage_store(st, L, lut, As, Bs);
+            __syncthreads();
+            if (k0 + MMA_BK < L.k1) mma_stage_load(st, L, m0, n0, k0 + MMA_BK);
+            mma_tile_step(acc, As, Bs, wm, wn, lane);
+            __syncthreads();
+        }
+    } else {
+        for (int k0 = 0; k0 < L.k1; k0 += MMA_BK) {
+            load_dense<bf16, bf16, MMA_BM, MMA_BK, MMA_LDS, 256>(As, a1, L.k1, 1, m0, k0, L.m, L.k1);
+            load_nf4<bf16, MMA_BN, MMA_BK, MMA_LDS, 256>(Bs, L.w, lut, L.w_sc, L.w_sj, n0, k0, L.n_out, L.k1);
+            __syncthreads();
+            mma_tile_step(acc, As, Bs, wm, wn, lane);
+            __syncthreads();
+        }
     }
     // Term 2 (LoRA): a2 · dense operand over k2 = R, into the same accumulators.
     const bf16* a2 = static_cast<const bf16*>(L.a2);

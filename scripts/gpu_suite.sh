@@ -10,13 +10,15 @@
 #       bash scripts/gpu_suite.sh run
 #       Runs every #[ignore]d GPU test one at a time, then the benches; logs go to $OUT
 #       (the device tool's return folder) or gpu/logs.
+#   No argument (a machine with both Rust and a GPU, e.g. scripts/test.sh lane C):
+#       bash scripts/gpu_suite.sh      = build into gpu/, then run.
 #
 # The test binaries find the fixtures through QLORA_REPO_ROOT (set below to the cwd), NVRTC and
 # cuBLAS through LD_LIBRARY_PATH, the CUDA headers through QLORA_CUDA_INCLUDE, and cache
 # compiled kernels in QLORA_KERNEL_CACHE.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cmd="${1:-}"
+cmd="${1:-local}"
 
 case "$cmd" in
 build)
@@ -72,8 +74,13 @@ run)
     gpu/bench-linear 2>&1 | tee "$LOG/bench-linear.log" || status=1
     exit $status
     ;;
+local)
+    bash "$ROOT/scripts/gpu_suite.sh" build "$ROOT/gpu"
+    cd "$ROOT"
+    exec bash "$ROOT/scripts/gpu_suite.sh" run
+    ;;
 *)
-    echo "usage: $0 build [DEST] | run" >&2
+    echo "usage: $0 [build [DEST] | run]" >&2
     exit 2
     ;;
 esac

@@ -10,7 +10,7 @@
 
 use half::bf16;
 use qlora_cuda::ops::{attention, linear, nf4};
-use qlora_cuda::{blas::GemmShape, Device, Result};
+use qlora_cuda::{blas::GemmShape, Device, Result, Stream, View, ViewMut};
 use qlora_nf4::{Dtype, Nf4Tensor};
 
 const SHAPES: [(usize, usize, &str); 4] = [
@@ -210,8 +210,8 @@ fn bench_linear(dev: &Device, shapes: &[(usize, usize, &str)], ms: &[usize]) -> 
 
 fn bench_attention(dev: &Device) -> Result<()> {
     println!("\n## Causal GQA attention, bf16 (B 1, H 32, Hkv 8, D 128)");
-    println!("| T | fwd µs | fwd TF/s | bwd µs | bwd TF/s | fwd+bwd TF/s |");
-    println!("|---|---|---|---|---|---|");
+    println!("| kernels | T | fwd µs | fwd TF/s | bwd µs | bwd TF/s | fwd+bwd TF/s |");
+    println!("|---|---|---|---|---|---|---|");
     for t in [512usize, 2048] {
         let a = attention::AttnDims {
             b: 1,
@@ -233,43 +233,78 @@ fn bench_attention(dev: &Device) -> Result<()> {
             dev.alloc::<bf16>(nk, "dv")?,
         );
         let mut delta = dev.alloc::<f32>(32 * t, "delta")?;
-        let f = time_us(dev, 2, 10, || {
-            attention::fwd(
-                dev,
-                &mut o.view_mut(),
-                &mut lse.view_mut(),
-                &q.view(),
-                &k.view(),
-                &v.view(),
-                a,
-                None,
-            )
-        })?;
-        let b = time_us(dev, 2, 10, || {
-            attention::bwd(
-                dev,
-                &mut dq.view_mut(),
-                &mut dk.view_mut(),
-                &mut dv.view_mut(),
-                &mut delta.view_mut(),
-                &dout.view(),
-                &o.view(),
-                &lse.view(),
-                &q.view(),
-                &k.view(),
-                &v.view(),
-                a,
-                None,
-            )
-        })?;
-        // FLOP convention of the FlashAttention benchmarks: fwd 4·B·H·D·T²/2 causal, bwd 2.5× fwd.
-        let ff = attention::fwd_flops(&a);
-        println!(
-            "| {t} | {f:.1} | {:.1} | {b:.1} | {:.1} | {:.1} |",
-            ff / f / 1e6,
-            2.5 * ff / b / 1e6,
-            3.5 * ff / (f + b) / 1e6
-        );
+        type Fwd = fn(
+            &Device,
+            &mut ViewMut<'_, bf16>,
+            &mut ViewMut<'_, f32>,
+            &View<'_, bf16>,
+            &View<'_, bf16>,
+            &View<'_, bf16>,
+            attention::AttnDims,
+            Option<&Stream>,
+        ) -> Result<()>;
+        type Bwd = fn(
+            &Device,
+            &mut ViewMut<'_, bf16>,
+            &mut ViewMut<'_, bf16>,
+            &mut ViewMut<'_, bf16>,
+            &mut ViewMut<'_, f32>,
+            &View<'_, bf16>,
+            &View<'_, bf16>,
+            &View<'_, f32>,
+            &View<'_, bf16>,
+            &View<'_, bf16>,
+            &View<'_, bf16>,
+            attention::AttnDims,
+            Option<&Stream>,
+        ) -> Result<()>;
+        let paths: [(&str, Fwd, Bwd); 2] = [
+            ("mma", attention::fwd::<bf16>, attention::bwd::<bf16>),
+            (
+                "simt",
+                attention::fwd_simt::<bf16>,
+                attention::bwd_simt::<bf16>,
+            ),
+        ];
+        for (name, fwd, bwd) in paths {
+            let f = time_us(dev, 2, 10, || {
+                fwd(
+                    dev,
+                    &mut o.view_mut(),
+                    &mut lse.view_mut(),
+                    &q.view(),
+                    &k.view(),
+                    &v.view(),
+                    a,
+                    None,
+                )
+            })?;
+            let b = time_us(dev, 2, 10, || {
+                bwd(
+                    dev,
+                    &mut dq.view_mut(),
+                    &mut dk.view_mut(),
+                    &mut dv.view_mut(),
+                    &mut delta.view_mut(),
+                    &dout.view(),
+                    &o.view(),
+                    &lse.view(),
+                    &q.view(),
+                    &k.view(),
+                    &v.view(),
+                    a,
+                    None,
+                )
+            })?;
+            // FLOP convention of the FlashAttention benchmarks: fwd 4·B·H·D·T²/2 causal, bwd 2.5× fwd.
+            let ff = attention::fwd_flops(&a);
+            println!(
+                "| {name} | {t} | {f:.1} | {:.1} | {b:.1} | {:.1} | {:.1} |",
+                ff / f / 1e6,
+                2.5 * ff / b / 1e6,
+                3.5 * ff / (f + b) / 1e6
+            );
+        }
     }
     Ok(())
 }

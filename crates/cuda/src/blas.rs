@@ -29,7 +29,7 @@ pub struct GemmShape {
     pub b_trans: bool,
 }
 
-/// cuBLASLt is column-major; a row-major C[m,n] is the column-major Cᵀ (n×m), so we compute
+/// cuBLASLt is column-major; a row-major `C[m,n]` is the column-major Cᵀ (n×m), so we compute
 /// Cᵀ = op(B)ᵀ·op(A)ᵀ by passing B as cuBLAS' "A" and A as its "B". Returns, for (cuBLAS A,
 /// cuBLAS B, C): (transpose flag, rows, cols, leading dimension) of each stored matrix.
 pub fn colmajor_layouts(s: &GemmShape) -> [(bool, u64, u64, i64); 3] {

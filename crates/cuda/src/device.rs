@@ -525,6 +525,21 @@ impl Device {
         } {
             return Err(NoGpu::NoCublas.into());
         }
+        // The bindings are generated for CUDA 13.0 (design §2): with an older driver some entry
+        // points are missing and cudarc would panic on first use, so refuse it here.
+        let mut version = 0i32;
+        // SAFETY: out-pointer to a local; cuDriverGetVersion needs no initialisation.
+        let r = unsafe { sys::cuDriverGetVersion(&mut version) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(NoGpu::Init(format!("cuDriverGetVersion: {r:?}")).into());
+        }
+        if version < 13000 {
+            return Err(NoGpu::OldDriver {
+                found_major: version / 1000,
+                found_minor: version % 1000 / 10,
+            }
+            .into());
+        }
         result::init().map_err(|e| NoGpu::Init(format!("{e:?}")))?;
         let count =
             result::device::get_count().map_err(|e| NoGpu::Init(format!("{e:?}")))? as usize;

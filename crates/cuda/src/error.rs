@@ -15,6 +15,8 @@ pub enum NoGpu {
     NoCublas,
     #[error("the CUDA driver failed to initialise: {0}")]
     Init(String),
+    #[error("the NVIDIA driver supports CUDA {found_major}.{found_minor}; qlora's bindings need CUDA 13.0 or newer (driver 580+)")]
+    OldDriver { found_major: i32, found_minor: i32 },
     #[error("no CUDA device with ordinal {ordinal} (the driver sees {count})")]
     NoDevice { ordinal: usize, count: usize },
     #[error("device {ordinal} has compute capability {major}.{minor}; qlora's kernels need 8.0 or newer (bf16 mma.sync)")]

@@ -21,9 +21,11 @@ macro_rules! src {
 /// Headers passed to NVRTC as in-memory includes.
 pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../../cuda/common.cuh"))];
 
-/// Every kernel file this crate launches from. (The lane B test compiles every `cuda/*.cu` on
-/// disk, including files other crates launch, e.g. the optimizer's.)
+/// Every `cuda/*.cu` (a test below checks the folder and this list agree). Other crates launch
+/// theirs by file name through `Device::launch`, e.g. qlora-optim's `adamw.cu`.
 pub const SOURCES: &[KernelSource] = &[
+    // Launched by qlora-optim (`Device::launch("adamw.cu", …)`); embedded here like every cuda/*.cu.
+    src!("adamw.cu"),
     src!("attention.cu"),
     src!("cross_entropy.cu"),
     src!("embedding.cu"),
@@ -44,6 +46,23 @@ pub fn source(file: &str) -> Option<&'static KernelSource> {
 mod tests {
     use super::*;
     use crate::nvrtc::manifest_entries;
+
+    #[test]
+    fn every_cuda_file_is_embedded() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cuda");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .expect("cuda/ folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cu"))
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<String> = SOURCES.iter().map(|s| s.file.to_string()).collect();
+        embedded.sort();
+        assert_eq!(
+            on_disk, embedded,
+            "add new cuda/*.cu files to kernels::SOURCES"
+        );
+    }
 
     #[test]
     fn every_source_declares_its_entries_with_the_naming_rule() {
@@ -73,7 +92,7 @@ mod tests {
                     .map(|(a, _)| format!(" {a}_##S("))
                     .unwrap_or_default();
                 assert!(
-                    s.source.contains(&format!(" {e}(")) || s.source.contains(&macro_stem),
+                    s.source.contains(&format!("{e}(")) || s.source.contains(&macro_stem),
                     "{}: declared entry {e} is not defined",
                     s.file
                 );

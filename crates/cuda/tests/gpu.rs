@@ -637,7 +637,11 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
     );
 }
 
-const LIN_CASES: [LinCase; 3] = [
+/// Together these reach every tile-loader path of `cuda/linear.cu` in both directions:
+/// the pipelined fast path (fwd k-contiguous: cases 2 and 3; bwd column-contiguous: case 3),
+/// the plain 16-code paths (cases 1 and 2 where K or N is not a multiple of 32) and the
+/// scalar fallback (case 4: K % 16 != 0).
+const LIN_CASES: [LinCase; 4] = [
     // Tails everywhere: M, N and K not multiples of the tiles (K a multiple of 16 only).
     LinCase {
         m: 37,
@@ -658,6 +662,13 @@ const LIN_CASES: [LinCase; 3] = [
         k: 512,
         n: 64,
         r: 16,
+    },
+    // K not a multiple of 16, odd rank.
+    LinCase {
+        m: 20,
+        k: 72,
+        n: 48,
+        r: 5,
     },
 ];
 
@@ -1137,7 +1148,7 @@ fn parity_cross_entropy_bf16() {
     cross_entropy_case::<bf16>(&dev());
 }
 
-fn attention_case<T: Host>(d: &Device, a: attention::AttnDims) {
+fn attention_case<T: Host>(d: &Device, a: attention::AttnDims, simt: bool) {
     let mut rng = Rng(17);
     let (nq, nk) = (a.b * a.t * a.h * a.d, a.b * a.t * a.hkv * a.d);
     let (q32, k32, v32, do32) = (
@@ -1161,7 +1172,12 @@ fn attention_case<T: Host>(d: &Device, a: attention::AttnDims) {
     );
     let mut o = d.alloc::<T>(nq, "o").unwrap();
     let mut lse = d.alloc::<f32>(a.b * a.h * a.t, "lse").unwrap();
-    attention::fwd(
+    let run = if simt {
+        attention::fwd_simt::<T>
+    } else {
+        attention::fwd::<T>
+    };
+    run(
         d,
         &mut o.view_mut(),
         &mut lse.view_mut(),
@@ -1179,7 +1195,12 @@ fn attention_case<T: Host>(d: &Device, a: attention::AttnDims) {
     );
     let mut delta = d.alloc::<f32>(a.b * a.h * a.t, "delta").unwrap();
     let o_view = o.view();
-    attention::bwd(
+    let run_bwd = if simt {
+        attention::bwd_simt::<T>
+    } else {
+        attention::bwd::<T>
+    };
+    run_bwd(
         d,
         &mut dq.view_mut(),
         &mut dk.view_mut(),
@@ -1241,11 +1262,18 @@ fn attention_case<T: Host>(d: &Device, a: attention::AttnDims) {
             }
         }
     }
+    // (The tensor-core backward also rounds P and dS to bf16 as mma operands: ≤ 2^-9 of
+    // Σ_j|ds_j·k_j| etc., inside the bwd atol below for these O(1) inputs.)
     // f32 online softmax over ≤ T keys with D-term dots: relative error ≲ (D + T)·u32 on O(1)
     // values; outputs stored in T. For bwd, the kernel's delta uses the o rounded to T, which
     // moves ds by ≲ U_T·|dO·o|: atol covers that with 4·U_T (inputs are O(1), |dO·o| ≲ √D).
+    let path = if !simt && attention::uses_mma(T::SUFFIX == "bf16", a.d) {
+        "mma"
+    } else {
+        "simt"
+    };
     let tag = format!(
-        "attention B{} T{} H{} Hkv{} D{} {}",
+        "attention {path} B{} T{} H{} Hkv{} D{} {}",
         a.b,
         a.t,
         a.h,
@@ -1254,11 +1282,15 @@ fn attention_case<T: Host>(d: &Device, a: attention::AttnDims) {
         T::SUFFIX
     );
     let acc = (a.d + a.t) as f64 * U_F32;
+    // The tensor-core path rounds P to bf16 before P·V: |Σ_j (p̃_j − p_j)·v_j| ≤ 2^-9·max|v|
+    // (U_BF16 = 2^-8 gives a 2× margin).
+    let vmax = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let p_round = if path == "mma" { T::U * vmax } else { 0.0 };
     check_tol(
         &format!("{tag} o"),
         &back(&d.download(&o.view()).unwrap()),
         &o_ref,
-        4.0 * acc,
+        4.0 * acc + p_round,
         T::U + acc,
     );
     check_tol(
@@ -1291,55 +1323,49 @@ fn attention_case<T: Host>(d: &Device, a: attention::AttnDims) {
         T::U + acc,
     );
 }
+const ATT_CASES: [attention::AttnDims; 3] = [
+    // GQA (2 query heads per kv head), T not a multiple of any tile, the tiny model's D.
+    attention::AttnDims {
+        b: 2,
+        t: 45,
+        h: 4,
+        hkv: 2,
+        d: 16,
+    },
+    // Llama's D, more than one key tile of the tensor-core kernel (64) and of the SIMT one (32).
+    attention::AttnDims {
+        b: 1,
+        t: 70,
+        h: 2,
+        hkv: 1,
+        d: 128,
+    },
+    // D = 64 (a third instance of the tensor-core template), T a multiple of 64.
+    attention::AttnDims {
+        b: 1,
+        t: 128,
+        h: 4,
+        hkv: 1,
+        d: 64,
+    },
+];
 #[test]
 #[ignore = "needs a CUDA device"]
 fn parity_attention_f32() {
     let d = dev();
-    attention_case::<f32>(
-        &d,
-        attention::AttnDims {
-            b: 2,
-            t: 45,
-            h: 4,
-            hkv: 2,
-            d: 16,
-        },
-    );
-    attention_case::<f32>(
-        &d,
-        attention::AttnDims {
-            b: 1,
-            t: 70,
-            h: 2,
-            hkv: 1,
-            d: 128,
-        },
-    );
+    for a in ATT_CASES {
+        attention_case::<f32>(&d, a, false);
+    }
 }
+/// bf16 through the tensor-core forward (`fwd`) and through the SIMT forward (`fwd_simt`).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn parity_attention_bf16() {
     let d = dev();
-    attention_case::<bf16>(
-        &d,
-        attention::AttnDims {
-            b: 2,
-            t: 45,
-            h: 4,
-            hkv: 2,
-            d: 16,
-        },
-    );
-    attention_case::<bf16>(
-        &d,
-        attention::AttnDims {
-            b: 1,
-            t: 70,
-            h: 2,
-            hkv: 1,
-            d: 128,
-        },
-    );
+    for a in ATT_CASES {
+        attention_case::<bf16>(&d, a, false);
+        attention_case::<bf16>(&d, a, true);
+    }
 }
 
 /// Managed memory round trip with explicit prefetches (the optimizer's paging primitive).

@@ -19,12 +19,6 @@ use qlora_cuda::{Args, Buf, Device, Geometry, Managed, View, ViewMut};
 
 const FILE: &str = "adamw.cu";
 
-/// The optimizer's kernel file; the optimizer owns it, the device compiles it on first launch.
-const SOURCE: qlora_cuda::kernels::KernelSource = qlora_cuda::kernels::KernelSource {
-    file: FILE,
-    source: include_str!("../../../cuda/adamw.cu"),
-};
-
 fn cuda(e: qlora_cuda::CudaError) -> OptimError {
     OptimError::Cuda(e.to_string())
 }
@@ -85,7 +79,6 @@ impl GpuAdamW {
     /// under `policy` (refused with [`OptimError::WouldOversubscribe`] when the state does not
     /// fit in free device memory); otherwise plain device memory and `policy` is ignored.
     pub fn new(dev: &Device, host: AdamW, paged: bool, policy: PagingPolicy) -> Result<GpuAdamW> {
-        dev.register_source(SOURCE);
         let sl: &StateLayout = host.state_layout();
         let words = sl.total_bytes / 4;
         let src: &[u32] = bytemuck::cast_slice(host.state().bytes());

@@ -79,7 +79,21 @@ fn check(op: &str, a: &AttnDims) -> Result<AttnArg> {
     })
 }
 
+/// Whether [`fwd`] takes the tensor-core kernel: bf16 and D a multiple of 16 up to 128.
+pub fn uses_mma(bf16: bool, d: usize) -> bool {
+    bf16 && d.is_multiple_of(16) && (16..=MAX_HEAD_DIM).contains(&d)
+}
+/// Tensor-core forward: 64 query rows (4 warps) per 128-thread block, grid (T/64, B·H).
+pub fn geometry_mma(t: usize, bh: usize) -> Geometry {
+    Geometry {
+        grid: (cdiv(t, 64).max(1) as u32, bh.max(1) as u32, 1),
+        block: (128, 1, 1),
+        smem: 0,
+    }
+}
+
 /// Outputs `o` (B,T,H,D) T; saved `lse` (B,H,T) f32; inputs q (B,T,H,D), k, v (B,T,Hkv,D).
+/// bf16 with D ∈ 16·{1..8} runs the tensor-core kernel, everything else the SIMT kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn fwd<T: Elem>(
     dev: &Device,
@@ -90,6 +104,37 @@ pub fn fwd<T: Elem>(
     v: &View<'_, T>,
     a: AttnDims,
     stream: Option<&Stream>,
+) -> Result<()> {
+    fwd_impl(dev, o, lse, q, k, v, a, stream, true)
+}
+
+/// The SIMT forward for any dtype and D ≤ 128 (what [`fwd`] uses when the tensor-core kernel
+/// does not apply; public so tests can check both).
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_simt<T: Elem>(
+    dev: &Device,
+    o: &mut ViewMut<'_, T>,
+    lse: &mut ViewMut<'_, f32>,
+    q: &View<'_, T>,
+    k: &View<'_, T>,
+    v: &View<'_, T>,
+    a: AttnDims,
+    stream: Option<&Stream>,
+) -> Result<()> {
+    fwd_impl(dev, o, lse, q, k, v, a, stream, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_impl<T: Elem>(
+    dev: &Device,
+    o: &mut ViewMut<'_, T>,
+    lse: &mut ViewMut<'_, f32>,
+    q: &View<'_, T>,
+    k: &View<'_, T>,
+    v: &View<'_, T>,
+    a: AttnDims,
+    stream: Option<&Stream>,
+    allow_mma: bool,
 ) -> Result<()> {
     const OP: &str = "attention::fwd";
     check_float::<T>(OP)?;
@@ -107,6 +152,23 @@ pub fn fwd<T: Elem>(
         .ptr(k)
         .ptr(v)
         .arg(arg);
+    if allow_mma && uses_mma(T::SUFFIX == "bf16", a.d) {
+        // The kernel reads K/V rows as 16-byte vectors.
+        if !(q.device_ptr() | k.device_ptr() | v.device_ptr() | o.device_ptr()).is_multiple_of(16) {
+            return Err(bad_arg(
+                OP,
+                "q/k/v/o",
+                "tensor-core path needs 16-byte aligned buffers",
+            ));
+        }
+        return dev.launch(
+            FILE,
+            "qlr_attention_fwd_mma_bf16",
+            geometry_mma(a.t, a.b * a.h),
+            args,
+            stream,
+        );
+    }
     dev.launch(
         FILE,
         &entry::<T>("qlr_attention_fwd"),
@@ -116,8 +178,13 @@ pub fn fwd<T: Elem>(
     )
 }
 
+/// Dynamic shared memory of `qlr_attention_bwd_dkv_mma_bf16` (cuda/attention.cu): bf16 tiles
+/// Kb, Vb [64][136], Qs, Os [32][136], Qt, Ot [128][40], then lse and delta [32] f32.
+pub const DKV_MMA_SMEM: u32 =
+    ((2 * 64 * 136 + 2 * 32 * 136 + 2 * 128 * 40) * 2 + 2 * 32 * 4) as u32;
+
 /// Outputs `dq` (B,T,H,D), `dk`, `dv` (B,T,Hkv,D) T; scratch `delta` (B,H,T) f32; inputs `dout`,
-/// saved `o`, `lse`, and q, k, v.
+/// saved `o`, `lse`, and q, k, v. bf16 with D ∈ 16·{1..8} runs the tensor-core kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd<T: Elem>(
     dev: &Device,
@@ -133,6 +200,50 @@ pub fn bwd<T: Elem>(
     v: &View<'_, T>,
     a: AttnDims,
     stream: Option<&Stream>,
+) -> Result<()> {
+    bwd_impl(
+        dev, dq, dk, dv, delta, dout, o, lse, q, k, v, a, stream, true,
+    )
+}
+
+/// The SIMT backward for any dtype and D ≤ 128 (public so tests can check both paths).
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_simt<T: Elem>(
+    dev: &Device,
+    dq: &mut ViewMut<'_, T>,
+    dk: &mut ViewMut<'_, T>,
+    dv: &mut ViewMut<'_, T>,
+    delta: &mut ViewMut<'_, f32>,
+    dout: &View<'_, T>,
+    o: &View<'_, T>,
+    lse: &View<'_, f32>,
+    q: &View<'_, T>,
+    k: &View<'_, T>,
+    v: &View<'_, T>,
+    a: AttnDims,
+    stream: Option<&Stream>,
+) -> Result<()> {
+    bwd_impl(
+        dev, dq, dk, dv, delta, dout, o, lse, q, k, v, a, stream, false,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd_impl<T: Elem>(
+    dev: &Device,
+    dq: &mut ViewMut<'_, T>,
+    dk: &mut ViewMut<'_, T>,
+    dv: &mut ViewMut<'_, T>,
+    delta: &mut ViewMut<'_, f32>,
+    dout: &View<'_, T>,
+    o: &View<'_, T>,
+    lse: &View<'_, f32>,
+    q: &View<'_, T>,
+    k: &View<'_, T>,
+    v: &View<'_, T>,
+    a: AttnDims,
+    stream: Option<&Stream>,
+    allow_mma: bool,
 ) -> Result<()> {
     const OP: &str = "attention::bwd";
     check_float::<T>(OP)?;
@@ -157,6 +268,23 @@ pub fn bwd<T: Elem>(
         stream,
     )?;
     let dl = delta.as_view();
+    let mma = allow_mma && uses_mma(T::SUFFIX == "bf16", a.d);
+    if mma {
+        let ptrs = q.device_ptr()
+            | k.device_ptr()
+            | v.device_ptr()
+            | dout.device_ptr()
+            | dq.device_ptr()
+            | dk.device_ptr()
+            | dv.device_ptr();
+        if !ptrs.is_multiple_of(16) {
+            return Err(bad_arg(
+                OP,
+                "q/k/v/dout/dq/dk/dv",
+                "tensor-core path needs 16-byte aligned buffers",
+            ));
+        }
+    }
     let args = Args::new()
         .ptr_mut(dq)
         .ptr(q)
@@ -166,13 +294,23 @@ pub fn bwd<T: Elem>(
         .ptr(lse)
         .ptr(&dl)
         .arg(arg);
-    dev.launch(
-        FILE,
-        &entry::<T>("qlr_attention_bwd_dq"),
-        geometry_rows(a.t, a.b * a.h),
-        args,
-        stream,
-    )?;
+    if mma {
+        dev.launch(
+            FILE,
+            "qlr_attention_bwd_dq_mma_bf16",
+            geometry_mma(a.t, a.b * a.h),
+            args,
+            stream,
+        )?;
+    } else {
+        dev.launch(
+            FILE,
+            &entry::<T>("qlr_attention_bwd_dq"),
+            geometry_rows(a.t, a.b * a.h),
+            args,
+            stream,
+        )?;
+    }
     let args = Args::new()
         .ptr_mut(dk)
         .ptr_mut(dv)
@@ -183,13 +321,21 @@ pub fn bwd<T: Elem>(
         .ptr(lse)
         .ptr(&dl)
         .arg(arg);
-    dev.launch(
-        FILE,
-        &entry::<T>("qlr_attention_bwd_dkv"),
-        geometry_rows(a.t, a.b * a.hkv),
-        args,
-        stream,
-    )
+    if mma {
+        let geo = Geometry {
+            smem: DKV_MMA_SMEM,
+            ..geometry_mma(a.t, a.b * a.hkv)
+        };
+        dev.launch(FILE, "qlr_attention_bwd_dkv_mma_bf16", geo, args, stream)
+    } else {
+        dev.launch(
+            FILE,
+            &entry::<T>("qlr_attention_bwd_dkv"),
+            geometry_rows(a.t, a.b * a.hkv),
+            args,
+            stream,
+        )
+    }
 }
 
 /// Useful causal FLOPs of fwd (2 GEMMs over the lower triangle): 2·2·B·H·D·T(T+1)/2.
@@ -200,6 +346,19 @@ pub fn fwd_flops(a: &AttnDims) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mma_path_selection() {
+        assert!(uses_mma(true, 128) && uses_mma(true, 16) && uses_mma(true, 64));
+        assert!(
+            !uses_mma(false, 128)
+                && !uses_mma(true, 24)
+                && !uses_mma(true, 256)
+                && !uses_mma(true, 0)
+        );
+        assert_eq!(geometry_mma(2048, 32).grid, (32, 32, 1));
+        assert_eq!(geometry_mma(65, 1).grid, (2, 1, 1));
+    }
 
     #[test]
     fn rows_are_covered() {

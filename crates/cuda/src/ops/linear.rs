@@ -175,7 +175,7 @@ fn lora_grad<T: Elem>(
 }
 
 /// Fused forward. Outputs: `y` (M,N) T; saved: `us` (M,R) T = S·(x_l·Aᵀ) for bwd. Inputs: `x`
-/// (M,K), `x_l` (M,K) the LoRA-branch input; weights `w` NF4 [N,K], `lora_a` (R,K), `lora_b` (N,R).
+/// (M,K), `x_l` (M,K) the LoRA-branch input; weights `w` NF4 `[N,K]`, `lora_a` (R,K), `lora_b` (N,R).
 #[allow(clippy::too_many_arguments)]
 pub fn fwd<T: Elem>(
     dev: &Device,
@@ -325,6 +325,112 @@ impl Dispatch {
             LinearPath::Fused
         } else {
             LinearPath::DequantBlas
+        }
+    }
+
+    /// Forward by [`Dispatch::path`]: the dequant path needs `scratch` (N·K elements of T,
+    /// e.g. one buffer sized for the largest weight); without it the fused kernel runs.
+    /// Returns the path taken. Same outputs and contract as [`fwd`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn fwd<T: Elem>(
+        &self,
+        dev: &Device,
+        y: &mut ViewMut<'_, T>,
+        us: &mut ViewMut<'_, T>,
+        scratch: Option<&mut ViewMut<'_, T>>,
+        x: &View<'_, T>,
+        x_l: &View<'_, T>,
+        w: &Nf4Weight,
+        lora_a: &View<'_, T>,
+        lora_b: &View<'_, T>,
+        d: LinearDims,
+    ) -> Result<LinearPath> {
+        match (self.path(d.m), scratch) {
+            (LinearPath::DequantBlas, Some(s)) => {
+                if s.len() < d.n * d.k {
+                    return Err(bad_arg(
+                        "linear::Dispatch",
+                        "scratch",
+                        format!("{} elements, W needs {}", s.len(), d.n * d.k),
+                    ));
+                }
+                let mut s = s.slice_mut(0, d.n * d.k);
+                fwd_dequant_blas(dev, y, us, &mut s, x, x_l, w, lora_a, lora_b, d)?;
+                Ok(LinearPath::DequantBlas)
+            }
+            _ => {
+                fwd(dev, y, us, x, x_l, w, lora_a, lora_b, d, None)?;
+                Ok(LinearPath::Fused)
+            }
+        }
+    }
+
+    /// Backward by [`Dispatch::path`], as [`Dispatch::fwd`]; same contract as [`bwd`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn bwd<T: Elem>(
+        &self,
+        dev: &Device,
+        dx: &mut ViewMut<'_, T>,
+        d_lora_a: &mut ViewMut<'_, f32>,
+        d_lora_b: &mut ViewMut<'_, f32>,
+        vs: &mut ViewMut<'_, T>,
+        scratch: Option<&mut ViewMut<'_, T>>,
+        dy: &View<'_, T>,
+        x_l: &View<'_, T>,
+        us: &View<'_, T>,
+        w: &Nf4Weight,
+        lora_a: &View<'_, T>,
+        lora_b: &View<'_, T>,
+        d: LinearDims,
+        accumulate_dx: bool,
+    ) -> Result<LinearPath> {
+        match (self.path(d.m), scratch) {
+            (LinearPath::DequantBlas, Some(s)) => {
+                if s.len() < d.n * d.k {
+                    return Err(bad_arg(
+                        "linear::Dispatch",
+                        "scratch",
+                        format!("{} elements, W needs {}", s.len(), d.n * d.k),
+                    ));
+                }
+                let mut s = s.slice_mut(0, d.n * d.k);
+                bwd_dequant_blas(
+                    dev,
+                    dx,
+                    d_lora_a,
+                    d_lora_b,
+                    vs,
+                    &mut s,
+                    dy,
+                    x_l,
+                    us,
+                    w,
+                    lora_a,
+                    lora_b,
+                    d,
+                    accumulate_dx,
+                )?;
+                Ok(LinearPath::DequantBlas)
+            }
+            _ => {
+                bwd(
+                    dev,
+                    dx,
+                    d_lora_a,
+                    d_lora_b,
+                    vs,
+                    dy,
+                    x_l,
+                    us,
+                    w,
+                    lora_a,
+                    lora_b,
+                    d,
+                    accumulate_dx,
+                    None,
+                )?;
+                Ok(LinearPath::Fused)
+            }
         }
     }
 }

@@ -57,6 +57,10 @@ impl Nf4Weight {
     /// Upload a CPU tensor (`name` is used in errors).
     pub fn upload(dev: &Device, t: &Nf4Tensor, name: &str) -> Result<Nf4Weight> {
         let n: usize = t.state.shape.iter().product();
+        // Scale-table lengths, blocksize and finite constants: the kernels index them unchecked.
+        t.state
+            .validate(name)
+            .map_err(|e| bad_arg("nf4::upload", name, e.to_string()))?;
         if t.packed.len() != n.div_ceil(2)
             || !t.state.blocksize.is_multiple_of(16)
             || t.state.blocksize == 0
