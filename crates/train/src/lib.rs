@@ -27,11 +27,11 @@ pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod eval;
-pub mod trainer;
 pub mod lora;
 pub mod model;
 pub mod schedule;
 mod st;
+pub mod trainer;
 pub mod weights;
 
 pub use backend::{AttnDims, Backend, Dropout, FrozenWeight, LinearDims, LoraArgs, RopeDims};

@@ -145,12 +145,10 @@ fn non_finite_loss_stops_with_step_and_lines() {
     };
     let mut t = Trainer::new(cfg).unwrap();
     let err = t.run(None, &no_stop(), &mut |_| {}).unwrap_err();
-    let TrainerError::NonFinite {
-        step, lines, kept, ..
-    } = &err
-    else {
+    let TrainerError::NonFinite(nf) = &err else {
         panic!("expected NonFinite, got {err}")
     };
+    let (step, lines, kept) = (&nf.step, &nf.lines, &nf.kept);
     assert!(*step >= 2, "{err}");
     assert!(!lines.is_empty());
     assert!(kept.contains(&format!("checkpoint-{}", step - 1)), "{err}");

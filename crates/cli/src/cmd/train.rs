@@ -131,7 +131,7 @@ pub struct Args {
     pub gradient_checkpointing: Option<bool>,
 
     /// Longest sequence in tokens; longer ones are truncated with a warning (or refused with
-    /// --strict) [default: 512].
+    /// --strict) [default: the model's max positions, at most 512].
     #[arg(long)]
     pub max_seq_len: Option<usize>,
     /// Sequences per micro-batch [default: 4].

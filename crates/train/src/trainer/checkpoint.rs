@@ -21,7 +21,7 @@ use qlora_optim::LrSchedule;
 /// Directory name prefix: `checkpoint-<step>`.
 pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
 /// Version of `trainer_state.json`.
-const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 pub(crate) const STATE_FILE: &str = "trainer_state.json";
 pub(crate) const OPTIMIZER_FILE: &str = "optimizer.bin";
 
@@ -41,31 +41,6 @@ pub struct CheckpointState {
     pub config: TrainConfig,
     pub data_config: DataConfig,
     pub history: History,
-}
-
-impl CheckpointState {
-    pub(crate) fn new(
-        step: u64,
-        total_steps: u64,
-        schedule: LrSchedule,
-        data_position: DataPosition,
-        rng_state: u64,
-        config: TrainConfig,
-        data_config: DataConfig,
-        history: History,
-    ) -> Self {
-        CheckpointState {
-            format_version: FORMAT_VERSION,
-            step,
-            total_steps,
-            schedule,
-            data_position,
-            rng_state,
-            config,
-            data_config,
-            history,
-        }
-    }
 }
 
 /// Reads `dir/trainer_state.json`, checking that the other files are there too.

@@ -11,6 +11,9 @@ use crate::lora::{LoraConfig, LoraInit, SavedModule, TargetModules};
 use crate::model::BaseFormat;
 use qlora_optim::{AdamWConfig, AdamWVariant, LrSchedule, StateBits};
 
+/// `max_seq_len = 0` resolves to the model's max_position_embeddings capped at this.
+pub const DEFAULT_MAX_SEQ_LEN: usize = 512;
+
 /// `target_modules = ["all-linear"]`: the seven projections of every layer.
 pub const ALL_LINEAR: &str = "all-linear";
 
@@ -80,6 +83,8 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
 
     // ---- data pipeline (crate::data::DataConfig)
+    /// Longest sequence in tokens; 0 = the model's max_position_embeddings, at most
+    /// [`DEFAULT_MAX_SEQ_LEN`].
     pub max_seq_len: usize,
     pub batch_size: usize,
     pub train_on_inputs: bool,
@@ -129,7 +134,7 @@ impl Default for TrainConfig {
             save_every: 100,
             seed: 42,
             gradient_checkpointing: false,
-            max_seq_len: d.max_seq_len,
+            max_seq_len: 0,
             batch_size: d.batch_size,
             train_on_inputs: d.train_on_inputs,
             append_eos: d.append_eos,
@@ -213,7 +218,7 @@ impl TrainConfig {
                 "set either eval_fraction or eval_count, not both",
             ));
         }
-        self.data_config().validate(None)?;
+        self.data_config(None).validate(None)?;
         Ok(())
     }
 
@@ -301,10 +306,16 @@ impl TrainConfig {
         Ok(LrSchedule::from_name(&self.lr_scheduler, warmup, total)?)
     }
 
-    /// The data pipeline's settings.
-    pub fn data_config(&self) -> DataConfig {
+    /// The data pipeline's settings for a model with `max_position_embeddings` (which
+    /// resolves `max_seq_len = 0`).
+    pub fn data_config(&self, max_position_embeddings: Option<usize>) -> DataConfig {
         DataConfig {
-            max_seq_len: self.max_seq_len,
+            max_seq_len: match self.max_seq_len {
+                0 => max_position_embeddings
+                    .unwrap_or(DEFAULT_MAX_SEQ_LEN)
+                    .min(DEFAULT_MAX_SEQ_LEN),
+                n => n,
+            },
             train_on_inputs: self.train_on_inputs,
             append_eos: self.append_eos,
             strict: self.strict,

@@ -28,24 +28,34 @@ pub enum TrainerError {
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     /// The loss or a gradient became NaN/Inf: training stops, nothing after the last
-    /// checkpoint is written.
-    #[error(
-        "step {step}: {what} is {value} on micro-batch {micro} (data lines {lines:?} of {path}); \
-         training stopped. {kept}"
-    )]
-    NonFinite {
-        step: u64,
-        micro: usize,
-        what: &'static str,
-        value: String,
-        lines: Vec<usize>,
-        path: PathBuf,
-        /// Which checkpoint is the last good one (or that there is none).
-        kept: String,
-    },
+    /// checkpoint is written (boxed: it is large and rare).
+    #[error("{0}")]
+    NonFinite(Box<NonFinite>),
     /// A feature the run asked for that this build cannot do (named).
     #[error("{0}")]
     Unsupported(String),
+}
+
+/// Where a NaN/Inf appeared.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "step {step}: {what} is {value} on micro-batch {micro} (data lines {lines:?} of {path}); \
+     training stopped. {kept}",
+    path = path.display()
+)]
+pub struct NonFinite {
+    /// 1-based optimizer step.
+    pub step: u64,
+    /// 0-based micro-batch within the step.
+    pub micro: usize,
+    /// `the loss` or `a gradient`.
+    pub what: &'static str,
+    pub value: String,
+    /// Source lines (1-based) of the micro-batch's examples.
+    pub lines: Vec<usize>,
+    pub path: PathBuf,
+    /// Which checkpoint is the last good one (or that there is none).
+    pub kept: String,
 }
 
 /// Result alias of the trainer.

@@ -30,7 +30,7 @@ pub mod plot;
 mod run;
 
 pub use checkpoint::{load_state, CheckpointState, CHECKPOINT_PREFIX};
-pub use config::{TrainConfig, ALL_LINEAR};
-pub use error::{Result, TrainerError};
+pub use config::{TrainConfig, ALL_LINEAR, DEFAULT_MAX_SEQ_LEN};
+pub use error::{NonFinite, Result, TrainerError};
 pub use metrics::{EvalRecord, History, StepRecord};
 pub use run::{Event, Outcome, Summary, Trainer};

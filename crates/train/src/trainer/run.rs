@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::checkpoint::{
-    load_state, publish_dir, staging_dir, CheckpointState, CHECKPOINT_PREFIX, OPTIMIZER_FILE,
-    STATE_FILE,
+    load_state, publish_dir, staging_dir, CheckpointState, CHECKPOINT_PREFIX, FORMAT_VERSION,
+    OPTIMIZER_FILE, STATE_FILE,
 };
 use super::config::TrainConfig;
 use super::error::{Result, TrainerError};
@@ -179,7 +179,7 @@ impl Trainer {
             .unwrap_or_else(|| model_dir.clone());
         let tokenizer = Tokenizer::from_model_dir(&tok_dir)?;
         tokenizer.check_fits_vocab(model.config.vocab_size)?;
-        let data_config = config.data_config();
+        let data_config = config.data_config(Some(model.config.max_position_embeddings));
         data_config.validate(Some(model.config.max_position_embeddings))?;
         let (train, split_eval) = Dataset::load_split(&data_path, &tokenizer, &data_config)?;
         let eval_ds = match &config.eval_data {
@@ -336,7 +336,9 @@ impl Trainer {
                     on_event(Event::Eval(&r));
                 }
             }
-            if every(self.config.save_every) && !last {
+            // The last step checkpoints too (when checkpointing is on), so a finished run can
+            // be extended with `--resume` and a larger max_steps.
+            if every(self.config.save_every) || (last && self.config.save_every > 0) {
                 let ckpt = self.save_checkpoint()?;
                 on_event(Event::Checkpoint(&ckpt));
             }
@@ -371,17 +373,19 @@ impl Trainer {
                 loss_scale: LossScale::PerTokens(n_labels),
             };
             let st = forward_backward(&self.be, &self.model, &mut self.adapter, &sb, opts)?;
-            let non_finite = |what, value: String| TrainerError::NonFinite {
-                step,
-                micro: i,
-                what,
-                value,
-                lines: b.lines.iter().flatten().copied().collect(),
-                path: self.train.path.clone(),
-                kept: match &self.last_checkpoint {
-                    Some(c) => format!("The last good checkpoint is {}", c.display()),
-                    None => "No checkpoint was written before it (nothing is kept)".into(),
-                },
+            let non_finite = |what, value: String| {
+                TrainerError::NonFinite(Box::new(super::error::NonFinite {
+                    step,
+                    micro: i,
+                    what,
+                    value,
+                    lines: b.lines.iter().flatten().copied().collect(),
+                    path: self.train.path.clone(),
+                    kept: match &self.last_checkpoint {
+                        Some(c) => format!("The last good checkpoint is {}", c.display()),
+                        None => "No checkpoint was written before it (nothing is kept)".into(),
+                    },
+                }))
             };
             if !st.sum.is_finite() {
                 return Err(non_finite("the loss", format!("{}", st.sum)));
@@ -454,16 +458,17 @@ impl Trainer {
         let tmp = staging_dir(&dst)?;
         self.adapter_weights().save(&tmp)?;
         self.opt.save(&tmp.join(OPTIMIZER_FILE))?;
-        let st = CheckpointState::new(
-            self.step,
-            self.total_steps,
-            self.schedule.clone(),
-            self.pos,
-            self.rng.state,
-            self.config.clone(),
-            self.data_config.clone(),
-            self.history.clone(),
-        );
+        let st = CheckpointState {
+            format_version: FORMAT_VERSION,
+            step: self.step,
+            total_steps: self.total_steps,
+            schedule: self.schedule.clone(),
+            data_position: self.pos,
+            rng_state: self.rng.state,
+            config: self.config.clone(),
+            data_config: self.data_config.clone(),
+            history: self.history.clone(),
+        };
         let p = tmp.join(STATE_FILE);
         let text = serde_json::to_string_pretty(&st).expect("state serializes");
         std::fs::write(&p, text).map_err(|e| TrainerError::io(&p, e))?;
