@@ -48,7 +48,24 @@ fn no_stop() -> AtomicBool {
 
 #[test]
 fn resume_is_bit_identical() {
+    resume_case(|c| c);
+}
+
+/// The same with bitsandbytes-style 8-bit optimizer state (lm_head's 20480 elements are above
+/// min_8bit_size, so its moments are blockwise-quantized) and gradient checkpointing.
+#[test]
+fn resume_is_bit_identical_8bit_state() {
+    resume_case(|c| TrainConfig {
+        optim: "adamw_8bit".into(),
+        modules_to_save: vec!["lm_head".into()],
+        gradient_checkpointing: true,
+        ..c
+    });
+}
+
+fn resume_case(f: impl Fn(TrainConfig) -> TrainConfig) {
     let tmp = tempfile::tempdir().unwrap();
+    let base_cfg = |p: PathBuf| f(base_cfg(p));
     let mut a = Trainer::new(base_cfg(tmp.path().join("a"))).unwrap();
     let Outcome::Finished { adapter: fa } = a.run(None, &no_stop(), &mut |_| {}).unwrap() else {
         panic!("straight run did not finish")
@@ -91,6 +108,15 @@ fn resume_is_bit_identical() {
     assert_eq!(steps, 10, "{m}");
     assert!(tmp.path().join("b/loss.png").is_file());
     assert!(ckpt.join("loss.png").is_file());
+    // The schedule as transformers runs it: warmup from 0 over 2 steps, then cosine to 0 at
+    // step 10 (the lr of 0-based step k is base · λ(k)).
+    let lrs: Vec<f64> = a.history.steps.iter().map(|r| r.lr).collect();
+    assert_eq!(lrs[0], 0.0);
+    assert!((lrs[1] - 0.5e-2).abs() < 1e-12, "{lrs:?}");
+    assert!((lrs[2] - 1e-2).abs() < 1e-12, "{lrs:?}");
+    let k = 9.0;
+    let want = 1e-2 * 0.5 * (1.0 + (std::f64::consts::PI * (k - 2.0) / 8.0).cos());
+    assert!((lrs[9] - want).abs() < 1e-12, "{lrs:?}");
 }
 
 #[test]
