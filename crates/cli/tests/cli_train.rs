@@ -304,6 +304,70 @@ fn ctrl_c_writes_a_checkpoint() {
     );
 }
 
+/// `kill -9` mid-run loses only the steps after the last checkpoint: resuming from the output
+/// directory (newest complete checkpoint) ends bit-identical to an uninterrupted run.
+#[test]
+fn kill_9_then_resume_matches_a_straight_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = [
+        "--max-steps",
+        "200",
+        "--save-every",
+        "5",
+        "--lr",
+        "0.01",
+        "--warmup-ratio",
+        "0",
+    ];
+    assert_ok(&small_run(tmp.path(), "straight", &flags));
+    let (m, d) = (fx("tiny-llama"), demo_data());
+    let mut args = vec![
+        "train",
+        "--model",
+        &m,
+        "--data",
+        &d,
+        "--output-dir",
+        "killed",
+        "--lora-r",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "64",
+    ];
+    args.extend(flags);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(&args)
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !tmp.path().join("killed/checkpoint-5").is_dir() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before a checkpoint"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !tmp.path().join("killed/adapter").exists(),
+        "the run finished before it was killed; the test needs more steps"
+    );
+    let t = assert_ok(&qlora(&["train", "--resume", "killed"], tmp.path()));
+    assert!(t.contains("resuming"), "{t}");
+    let ad = |d: &str| std::fs::read(tmp.path().join(d).join("adapter/adapter_model.safetensors"));
+    assert_eq!(ad("straight").unwrap(), ad("killed").unwrap());
+    let la = step_losses(&tmp.path().join("straight/metrics.jsonl"));
+    let lb = step_losses(&tmp.path().join("killed/metrics.jsonl"));
+    assert_eq!(la, lb);
+}
+
 #[test]
 fn merge_eval_generate() {
     let tmp = tempfile::tempdir().unwrap();

@@ -30,7 +30,8 @@ pub struct Args {
     /// TOML config file (keys = flag names with `_`).
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
-    /// Continue from this checkpoint directory (its stored config; flags given here override).
+    /// Continue from this checkpoint directory, or from the newest checkpoint-<step> inside
+    /// this output directory (the stored config; flags given here override).
     #[arg(long)]
     pub resume: Option<PathBuf>,
 
@@ -322,6 +323,7 @@ pub fn run(a: Args) -> Result<()> {
         });
     }
     let mut trainer = if let Some(dir) = &a.resume {
+        let dir = &qlora_train::trainer::resolve_checkpoint(dir)?;
         let mut err = None;
         let t = Trainer::resume(dir, |c| {
             if let Err(e) = a.apply(c) {

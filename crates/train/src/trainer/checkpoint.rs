@@ -75,6 +75,32 @@ pub fn load_state(dir: &Path) -> Result<CheckpointState> {
     Ok(st)
 }
 
+/// The checkpoint to resume from for `dir`: `dir` itself when it is a checkpoint, else its
+/// `checkpoint-<step>` subdirectory with the highest step (what a run killed at any moment
+/// leaves complete: staging directories are hidden and never named like this).
+pub fn resolve_checkpoint(dir: &Path) -> Result<PathBuf> {
+    if dir.join(STATE_FILE).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| TrainerError::io(dir, e))?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: u64 = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
+            e.path()
+                .join(STATE_FILE)
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p)
+        .ok_or_else(|| TrainerError::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: format!("neither a checkpoint nor a directory holding {CHECKPOINT_PREFIX}<step>"),
+        })
+}
+
 /// Replaces `dst` with the complete directory `tmp` (rename; the old one is removed first,
 /// since a directory cannot be renamed over a non-empty one).
 pub(crate) fn publish_dir(tmp: &Path, dst: &Path) -> Result<()> {

@@ -29,7 +29,7 @@ mod metrics;
 pub mod plot;
 mod run;
 
-pub use checkpoint::{load_state, CheckpointState, CHECKPOINT_PREFIX};
+pub use checkpoint::{load_state, resolve_checkpoint, CheckpointState, CHECKPOINT_PREFIX};
 pub use config::{TrainConfig, ALL_LINEAR, DEFAULT_MAX_SEQ_LEN};
 pub use error::{NonFinite, Result, TrainerError};
 pub use metrics::{EvalRecord, History, StepRecord};
