@@ -283,9 +283,15 @@ fn print_summary(s: &Summary, c: &TrainConfig) {
         ),
     }
     println!(
-        "memory     adapter + grads {}, optimizer state {}",
-        human_bytes(s.adapter_bytes as u64),
-        human_bytes(s.optimizer_bytes as u64)
+        "memory     predicted peak {}: base {} (f32 compute copy on the CPU{}), adapter + grads + \
+         optimizer {}, activations of one {}×{} micro-batch {}",
+        human_bytes(s.memory.total() as u64),
+        human_bytes(s.memory.base as u64),
+        if s.nf4_base { " + NF4 codes" } else { "" },
+        human_bytes(s.memory.adapter as u64),
+        c.batch_size,
+        trainer_seq_len(c, s),
+        human_bytes(s.memory.activations as u64)
     );
     println!(
         "data       {} examples, {} tokens ({} trained on); eval {} examples",
@@ -301,6 +307,11 @@ fn print_summary(s: &Summary, c: &TrainConfig) {
     for w in &s.warnings {
         eprintln!("warning: {w}");
     }
+}
+
+fn trainer_seq_len(c: &TrainConfig, s: &Summary) -> usize {
+    c.data_config(Some(s.model.max_position_embeddings))
+        .max_seq_len
 }
 
 fn eta(secs: f64) -> String {

@@ -65,10 +65,90 @@ pub struct Summary {
     pub eval_examples: usize,
     pub batches_per_epoch: usize,
     pub total_steps: u64,
+    /// Predicted peak memory of the run (see [`MemoryEstimate`]).
+    pub memory: MemoryEstimate,
     /// Data warnings (truncations, dropped records).
     pub warnings: Vec<String>,
     /// The adapter started from `init_adapter` or a checkpoint (its own LoRA settings).
     pub adapter_from: Option<PathBuf>,
+}
+
+/// Predicted memory of a CPU training run, in bytes, from the same buffer shapes the schedule
+/// allocates (a micro-batch of `batch_size × max_seq_len`, the worst case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Frozen base as held: the CPU backend keeps an f32 compute copy of every projection
+    /// beside its NF4 codes, plus f32 embeddings, norms and lm_head.
+    pub base: usize,
+    /// Adapter parameters + gradients + optimizer state.
+    pub adapter: usize,
+    /// Saved activations, backward scratch and the (N, V) logits of one micro-batch.
+    pub activations: usize,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> usize {
+        self.base + self.adapter + self.activations
+    }
+}
+
+fn estimate_memory(
+    be: &CpuBackend,
+    model: &Model<CpuBackend>,
+    adapter: &Adapter<CpuBackend>,
+    opt: &AdamW,
+    data: &DataConfig,
+    checkpointing: bool,
+) -> MemoryEstimate {
+    let c = &model.config;
+    let f = std::mem::size_of::<f32>();
+    let mut base = (2 * c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size) * f;
+    for p in model.layers.iter().flat_map(|l| &l.proj) {
+        base += p.w.w.len() * f
+            + p.w
+                .nf4
+                .as_ref()
+                .map_or(0, |t| t.packed.len() + t.state.constant_bytes());
+    }
+    let (b, t) = (data.batch_size, data.max_seq_len);
+    let n = b * t;
+    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let att = be.attention_saved_len(crate::AttnDims {
+        b,
+        tq: t,
+        tk: t,
+        kv_rows: t,
+        h: c.num_heads,
+        hkv: c.num_kv_heads,
+        d: c.head_dim,
+    });
+    let r_sum = |l: usize| -> usize {
+        crate::lora::Proj::ALL
+            .iter()
+            .filter_map(|&p| adapter.layout.slot(l, p))
+            .map(|s| s.r)
+            .sum()
+    };
+    // One layer's save set (schedule::LayerSaved): 4 (N, C), 2 (N, H·D), 2 (N, Hkv·D),
+    // 3 (N, I), 2 (N,) and the LoRA u's, plus attention's saved buffer.
+    let layer = |l: usize| {
+        n * (4 * c.hidden_size + 2 * qd + 2 * kvd + 3 * c.intermediate_size + 2 + r_sum(l)) + att
+    };
+    let saved: usize = if checkpointing {
+        // Layer inputs only, plus one recomputed layer at a time.
+        c.num_layers * n * c.hidden_size + (0..c.num_layers).map(layer).max().unwrap_or(0)
+    } else {
+        (0..c.num_layers).map(layer).sum()
+    };
+    // Backward scratch (3 (N, I), 2 (N, C), 2 (N, H·D), 2 (N, Hkv·D)), the final norm's
+    // buffers, and logits (N, V) (their gradient is formed in place).
+    let scratch = n * (3 * c.intermediate_size + 5 * c.hidden_size + 2 * qd + 2 * kvd + 2);
+    let logits = n * c.vocab_size;
+    MemoryEstimate {
+        base,
+        adapter: 2 * adapter.layout.numel * f + opt.state_bytes(),
+        activations: (saved + scratch + logits) * f,
+    }
 }
 
 /// A training run on the CPU backend.
@@ -231,7 +311,16 @@ impl Trainer {
                 .max(1.0) as u64
         };
         let schedule = config.schedule(total_steps)?;
+        let memory = estimate_memory(
+            &be,
+            &model,
+            &adapter,
+            &opt,
+            &data_config,
+            config.gradient_checkpointing,
+        );
         let summary = Summary {
+            memory,
             model_dir,
             params: ParamReport::new(&model.config, &adapter.layout, model.nf4_base),
             nf4_bytes: nf4_bytes(&model),
