@@ -26,13 +26,10 @@ enum Command {
     Dequantize(cmd::dequantize::Args),
     /// Per-tensor dtype, shape, quantization state and size; with --against, quantization error.
     Inspect(cmd::inspect::Args),
-    /// Fine-tune a LoRA adapter (QLoRA on an NF4 base) on the CPU; no arguments: the demo.
+    // (about texts: the doc comments of each Args struct)
     Train(Box<cmd::train::Args>),
-    /// Loss and perplexity of a model (+ adapter) on a data file.
     Eval(cmd::eval::Args),
-    /// Fold an adapter into its base and write a plain Hugging Face checkpoint.
     Merge(cmd::merge::Args),
-    /// Generate text from a prompt with a model (+ adapter), with a KV cache.
     Generate(cmd::generate::Args),
 }
 

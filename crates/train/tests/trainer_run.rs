@@ -218,6 +218,34 @@ fn merged_tiny_model_matches_peft_merge() {
     .is_err());
 }
 
+/// An NF4 base is dequantized before the merge: the merged (dense f32) model reproduces
+/// transformers' NF4 base + LoRA logits (logits/nf4_lora_f32), and config.json loses its
+/// quantization_config.
+#[test]
+fn merged_nf4_base_matches_nf4_lora_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    merge(
+        &fixture("qlora-bnb4/quantized_base"),
+        &fixture("tiny-llama-lora"),
+        &out,
+        MergeDtype::F32,
+        false,
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(!cfg.contains("quantization_config"), "{cfg}");
+    let be = CpuBackend::<f32>::new();
+    let m = Model::load(&be, &out, BaseFormat::Dense).unwrap();
+    assert!(!m.nf4_base);
+    let fx = read_all("logits/nf4_lora_f32.safetensors");
+    let (shape, ids) = &fx["input_ids"];
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let logits = forward_logits(&be, &m, None, &ids, shape[0], shape[1], None).unwrap();
+    let err = max_abs(&logits, &fx["logits"].1);
+    assert!(err <= 1e-4, "merged NF4 logits max |Δ| {err:e}");
+}
+
 #[test]
 fn generation_with_cache_equals_without() {
     let be = CpuBackend::<f32>::new();

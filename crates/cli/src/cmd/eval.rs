@@ -3,8 +3,10 @@ use qlora_train::data::{DataConfig, Dataset, Tokenizer};
 use qlora_train::{evaluate, Adapter, AdapterWeights, BaseFormat, CpuBackend, EvalOptions, Model};
 use std::path::PathBuf;
 
-/// Loss and perplexity of a model (+ adapter) on a data file, over every token of each record
-/// (the model predicts token t+1 from 0..=t), optionally dumping the logits.
+/// Loss and perplexity of a model (+ adapter) on a data file.
+///
+/// The loss covers every token of each record (the model predicts token t+1 from 0..=t; no
+/// eos is appended, as transformers' `tokenizer(text)`); --dump-logits writes them.
 #[derive(clap::Args)]
 pub struct Args {
     /// Hugging Face model directory.

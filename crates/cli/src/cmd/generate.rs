@@ -5,7 +5,7 @@ use qlora_train::{Adapter, AdapterWeights, BaseFormat, CpuBackend, Model};
 use std::io::Write;
 use std::path::PathBuf;
 
-/// Generate text from a prompt with the model (+ adapter) on the CPU, with a KV cache.
+/// Generate text from a prompt with a model (+ adapter) on the CPU, with a KV cache.
 #[derive(clap::Args)]
 pub struct Args {
     /// Hugging Face model directory.

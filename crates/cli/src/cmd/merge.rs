@@ -3,8 +3,11 @@ use qlora_train::trainer::merge::{merge, MergeDtype};
 use qlora_train::ModelConfig;
 use std::path::PathBuf;
 
-/// Fold a LoRA adapter into its base: W' = deq(W) + s·B·A for every adapted projection, written
-/// as a plain Hugging Face checkpoint (an NF4 base is dequantized, not re-quantized).
+/// Fold a LoRA adapter into its base and write a plain Hugging Face checkpoint.
+///
+/// Every adapted projection becomes W' = deq(W) + s·B·A (an NF4 base is dequantized, not
+/// re-quantized); modules_to_save copies replace their base module; config.json loses its
+/// quantization_config.
 #[derive(clap::Args)]
 pub struct Args {
     /// Base model directory (dense or bitsandbytes 4-bit).

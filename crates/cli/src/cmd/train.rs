@@ -13,7 +13,7 @@ use crate::units::{human_bytes, human_count};
 const DEMO_TOML: &str = include_str!("../../../../examples/tiny-demo.toml");
 const DEMO_DATA: &[u8] = include_bytes!("../../../train/assets/demo/train.jsonl");
 
-/// Fine-tune a LoRA adapter (QLoRA: on an NF4 4-bit base) on the CPU.
+/// Fine-tune a LoRA adapter (QLoRA: on an NF4 4-bit base) on the CPU; no arguments: the demo.
 ///
 /// Settings come from a TOML file (--config) whose keys are the flags' names with `_`
 /// (`--lora-r 16` ⇄ `lora_r = 16`); a flag given on the command line wins over the file.
