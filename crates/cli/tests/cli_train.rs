@@ -584,6 +584,37 @@ fn invalid_config_values() {
 }
 
 #[test]
+fn resume_refuses_other_data_and_non_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path();
+    assert_ok(&small_run(p, "run", &["--save-every", "3"]));
+    let other = write(
+        p,
+        "other.jsonl",
+        "{\"text\": \"something else entirely\"}\n",
+    );
+    assert_clean_failure(
+        &qlora(
+            &[
+                "train",
+                "--resume",
+                "run",
+                "--data",
+                &other,
+                "--max-steps",
+                "6",
+            ],
+            p,
+        ),
+        &["different data"],
+    );
+    assert_clean_failure(
+        &qlora(&["train", "--resume", "run/adapter"], p),
+        &["run/adapter"],
+    );
+}
+
+#[test]
 fn nan_loss_stops_with_step_and_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let o = small_run(
