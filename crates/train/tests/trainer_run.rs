@@ -268,3 +268,49 @@ fn generation_with_cache_equals_without() {
     assert_eq!(out[0], out[1]);
     assert!(prompt_ids(&tok, "hi", true).is_err(), "no chat template");
 }
+
+/// A packed batch through the trainer's conversion gives, token for token, the loss of its
+/// examples computed one at a time (attention never crosses examples, positions restart).
+#[test]
+fn packed_batch_equals_its_examples_alone() {
+    use qlora_train::data::{Batcher, DataConfig, Dataset, Tokenizer};
+    use qlora_train::trainer::to_schedule_batch;
+    use qlora_train::{forward_loss, Batch};
+    let be = CpuBackend::<f32>::new();
+    let m = Model::load(&be, &fixture("tiny-llama"), BaseFormat::Dense).unwrap();
+    let w = AdapterWeights::load(&fixture("tiny-llama-lora"), &m.config).unwrap();
+    let a = Adapter::new(&be, &w);
+    let tok = Tokenizer::from_model_dir(fixture("tiny-llama")).unwrap();
+    let cfg = DataConfig {
+        max_seq_len: 64,
+        packing: true,
+        batch_size: 2,
+        ..DataConfig::default()
+    };
+    let ds = Dataset::load(demo_data(), &tok, &cfg).unwrap();
+    let b = Batcher::new(&ds, &cfg).unwrap().next_batch();
+    assert!(b.is_packed());
+    let sb = to_schedule_batch(&b, ds.pad_id).unwrap();
+    assert_eq!(sb.label_tokens(), b.n_label_tokens);
+    let packed = forward_loss(&be, &m, Some(&a), &sb).unwrap();
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (row, start, len) in b.segments() {
+        let at = row * b.seq_len + start;
+        let ids = b.input_ids[at..at + len].to_vec();
+        let labels = b.labels[at..at + len].iter().map(|&l| l as i32).collect();
+        let one = Batch::new(ids, labels, 1, len).unwrap();
+        let st = forward_loss(&be, &m, Some(&a), &one).unwrap();
+        sum += st.sum;
+        n += st.tokens;
+    }
+    assert_eq!(packed.tokens, n);
+    assert!(
+        (packed.sum - sum).abs() <= 1e-5 * sum.abs(),
+        "{} vs {sum}",
+        packed.sum
+    );
+    // Computing the packed rows as plain causal rows would let examples see each other.
+    let naive = Batch::new(b.input_ids.clone(), b.labels_i32(), b.batch_size, b.seq_len).unwrap();
+    let wrong = forward_loss(&be, &m, Some(&a), &naive).unwrap();
+    assert!((wrong.sum - sum).abs() > 1e-3, "test would not see a leak");
+}

@@ -33,4 +33,4 @@ pub use checkpoint::{load_state, resolve_checkpoint, CheckpointState, CHECKPOINT
 pub use config::{TrainConfig, ALL_LINEAR, DEFAULT_MAX_SEQ_LEN};
 pub use error::{NonFinite, Result, TrainerError};
 pub use metrics::{EvalRecord, History, StepRecord};
-pub use run::{Event, MemoryEstimate, Outcome, Summary, Trainer};
+pub use run::{to_schedule_batch, Event, MemoryEstimate, Outcome, Summary, Trainer};

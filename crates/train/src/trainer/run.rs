@@ -241,16 +241,6 @@ impl Trainer {
             .data
             .clone()
             .ok_or_else(|| TrainerError::config("data", "no training data file given"))?;
-        if config.packing {
-            // The schedule's attention is plain causal over each row: packed examples would
-            // attend to each other. Refuse rather than train on a different objective.
-            return Err(TrainerError::Unsupported(
-                "packing: the CPU schedule does not apply segment ids (block-diagonal \
-                 attention) yet, so packed examples would attend across their boundaries; \
-                 train without --packing"
-                    .into(),
-            ));
-        }
         let be = CpuBackend::<f32>::new();
         let model = Model::load(&be, &model_dir, config.base_format()?)?;
         let tok_dir = config
@@ -454,8 +444,7 @@ impl Trainer {
         self.adapter.zero_grads(&self.be);
         let mut loss_sum = 0f64;
         for (i, b) in micro.iter().enumerate() {
-            let sb =
-                schedule::Batch::new(b.input_ids.clone(), b.labels_i32(), b.batch_size, b.seq_len)?;
+            let sb = to_schedule_batch(b, self.train.pad_id)?;
             let opts = StepOptions {
                 checkpointing: self.config.gradient_checkpointing,
                 dropout_seed: self.rng.next_u64(),
@@ -518,8 +507,7 @@ impl Trainer {
         };
         let (mut sum, mut tokens) = (0f64, 0usize);
         for b in batches {
-            let sb =
-                schedule::Batch::new(b.input_ids.clone(), b.labels_i32(), b.batch_size, b.seq_len)?;
+            let sb = to_schedule_batch(b, self.train.pad_id)?;
             let st = forward_loss(&self.be, &self.model, Some(&self.adapter), &sb)?;
             sum += st.sum;
             tokens += st.tokens;
@@ -579,6 +567,37 @@ impl Trainer {
     pub fn last_checkpoint(&self) -> Option<&Path> {
         self.last_checkpoint.as_deref()
     }
+}
+
+/// A data batch as the schedule takes it. A packed batch (rows holding several examples,
+/// which must attend only within their own segment and see positions restarting at 0) is
+/// computed as its segments, one per row, padded to the longest: for every token this is
+/// exactly the block-diagonal causal mask with per-segment positions of the batch contract
+/// (norms, projections and the MLP act per token; attention and rope only see the segment).
+/// The schedule's attention is plain causal over a row, so this is how packing stays exact;
+/// it keeps packing's batching (rows of about `max_seq_len` tokens) but not its compute
+/// saving. Labels are carried over unchanged, so `n_label_tokens` is the same.
+pub fn to_schedule_batch(b: &data::Batch, pad_id: u32) -> Result<schedule::Batch> {
+    if !b.is_packed() {
+        return Ok(schedule::Batch::new(
+            b.input_ids.clone(),
+            b.labels_i32(),
+            b.batch_size,
+            b.seq_len,
+        )?);
+    }
+    let segs = b.segments();
+    let t = segs.iter().map(|s| s.2).max().unwrap_or(1);
+    let mut ids = vec![pad_id; segs.len() * t];
+    let mut labels = vec![crate::cpu::cross_entropy::IGNORE_INDEX; segs.len() * t];
+    for (i, &(row, start, len)) in segs.iter().enumerate() {
+        let src = row * b.seq_len + start;
+        ids[i * t..i * t + len].copy_from_slice(&b.input_ids[src..src + len]);
+        for k in 0..len {
+            labels[i * t + k] = b.labels[src + k] as i32;
+        }
+    }
+    Ok(schedule::Batch::new(ids, labels, segs.len(), t)?)
 }
 
 fn arena_layout(a: &Adapter<CpuBackend>) -> Result<ArenaLayout> {
