@@ -616,6 +616,9 @@ fn resume_refuses_other_data_and_non_checkpoints() {
 #[test]
 fn nan_loss_stops_with_step_and_batch() {
     let tmp = tempfile::tempdir().unwrap();
+    // A finished earlier run in the same directory must not leave its adapter behind.
+    assert_ok(&small_run(tmp.path(), "out", &["--save-every", "1"]));
+    assert!(tmp.path().join("out/adapter").is_dir());
     let o = small_run(
         tmp.path(),
         "out",

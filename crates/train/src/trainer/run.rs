@@ -377,7 +377,8 @@ impl Trainer {
     /// Runs until all planned steps are done, `until` steps are reached, or `stop` is set
     /// (checked between steps: then a checkpoint is written). Metrics go to
     /// `output_dir/metrics.jsonl`, checkpoints to `output_dir/checkpoint-<step>`, the final
-    /// adapter to `output_dir/adapter` and the curve to `output_dir/loss.png`.
+    /// adapter to `output_dir/adapter` and the curve to `output_dir/loss.png`. A fresh run
+    /// first removes those outputs of an earlier run in the same directory.
     pub fn run(
         &mut self,
         until: Option<u64>,
@@ -385,6 +386,11 @@ impl Trainer {
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Outcome> {
         let out = self.config.output_dir.clone();
+        if self.step == 0 && self.last_checkpoint.is_none() && self.history.steps.is_empty() {
+            // A fresh run owns its output directory: an adapter or checkpoints left by an
+            // earlier run there must not pass for this run's (or be picked by --resume).
+            clear_previous_run(&out)?;
+        }
         std::fs::create_dir_all(&out).map_err(|e| TrainerError::io(&out, e))?;
         // Start the metrics file over from what is known (a resumed run drops the lines of
         // steps after its checkpoint).
@@ -567,6 +573,27 @@ impl Trainer {
     pub fn last_checkpoint(&self) -> Option<&Path> {
         self.last_checkpoint.as_deref()
     }
+}
+
+/// Removes what an earlier run left in `out`: `adapter/`, `checkpoint-<step>/`, their
+/// staging directories, `metrics.jsonl` and `loss.png`. Other files are left alone.
+fn clear_previous_run(out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        let ours_dir = name == "adapter"
+            || name.starts_with(CHECKPOINT_PREFIX)
+            || (name.starts_with('.') && name.ends_with(".tmp"));
+        if ours_dir && p.is_dir() {
+            std::fs::remove_dir_all(&p).map_err(|e| TrainerError::io(&p, e))?;
+        } else if name == "metrics.jsonl" || name == "loss.png" {
+            std::fs::remove_file(&p).map_err(|e| TrainerError::io(&p, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// A data batch as the schedule takes it. A packed batch (rows holding several examples,
