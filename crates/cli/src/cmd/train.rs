@@ -470,6 +470,23 @@ mod tests {
     }
 
     #[test]
+    fn every_example_config_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let mut c = read_config(&p).unwrap();
+                c.model.get_or_insert_with(|| "m".into());
+                c.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = parse_config("lora_rank = 3\n").unwrap_err().to_string();
         assert!(e.contains("lora_rank"), "{e}");
