@@ -1,6 +1,7 @@
 //! The loss curve as a PNG, with no font or image dependency: an indexed-colour raster, a
-//! built-in 3×5 pixel font for the tick labels and legend, and a PNG writer that stores the
-//! pixels in uncompressed deflate blocks (valid zlib; a few hundred KiB, no compressor needed).
+//! built-in 3×5 pixel font for the tick labels and legend, and a PNG writer whose deflate
+//! stream is run-length coded (distance-1 matches in one fixed-Huffman block): a plot is
+//! mostly long runs of one colour, so this alone makes it small.
 
 use std::path::Path;
 
@@ -246,6 +247,95 @@ fn adler32(bytes: &[u8]) -> u32 {
     (b << 16) | a
 }
 
+/// LSB-first bit writer of a deflate stream.
+struct Bits {
+    out: Vec<u8>,
+    acc: u64,
+    n: u32,
+}
+
+impl Bits {
+    /// `value`'s low `len` bits, least significant first (deflate's extra bits and headers).
+    fn put(&mut self, value: u32, len: u32) {
+        self.acc |= (value as u64) << self.n;
+        self.n += len;
+        while self.n >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n -= 8;
+        }
+    }
+    /// A Huffman code: `len` bits, most significant first (RFC 1951 §3.1.1).
+    fn code(&mut self, code: u32, len: u32) {
+        let rev = code.reverse_bits() >> (32 - len);
+        self.put(rev, len);
+    }
+    /// Fixed literal/length code of `sym` (0..=285, RFC 1951 §3.2.6).
+    fn sym(&mut self, sym: u32) {
+        match sym {
+            0..=143 => self.code(0x30 + sym, 8),
+            144..=255 => self.code(0x190 + sym - 144, 9),
+            256..=279 => self.code(sym - 256, 7),
+            _ => self.code(0xC0 + sym - 280, 8),
+        }
+    }
+    fn finish(mut self) -> Vec<u8> {
+        if self.n > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
+/// Base match length of length codes 257..=285 and their extra bits.
+const LEN_BASE: [u32; 29] = [
+    3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131,
+    163, 195, 227, 258,
+];
+const LEN_EXTRA: [u32; 29] = [
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
+];
+
+/// Raw deflate of `data`: one final fixed-Huffman block where every run of a repeated byte is
+/// the byte once followed by matches of distance 1 (length 3..=258).
+fn deflate_rle(data: &[u8]) -> Vec<u8> {
+    let mut w = Bits {
+        out: Vec::new(),
+        acc: 0,
+        n: 0,
+    };
+    w.put(1, 1); // BFINAL
+    w.put(1, 2); // BTYPE = 01, fixed Huffman
+    let mut i = 0;
+    while i < data.len() {
+        let b = data[i];
+        w.sym(b as u32);
+        let mut run = data[i + 1..].iter().take_while(|&&x| x == b).count();
+        i += 1 + run;
+        while run >= 3 {
+            // Leave at least 3 for the next match, or none.
+            let len = if run > 258 && run - 258 < 3 {
+                run - 3
+            } else {
+                run.min(258)
+            } as u32;
+            let k = LEN_BASE
+                .iter()
+                .rposition(|&base| base <= len)
+                .expect("len >= 3");
+            w.sym(257 + k as u32);
+            w.put(len - LEN_BASE[k], LEN_EXTRA[k]);
+            w.code(0, 5); // distance code 0 = distance 1
+            run -= len as usize;
+        }
+        for _ in 0..run {
+            w.sym(b as u32);
+        }
+    }
+    w.sym(256); // end of block
+    w.finish()
+}
+
 fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     out.extend((data.len() as u32).to_be_bytes());
     let start = out.len();
@@ -264,15 +354,9 @@ pub fn encode_png(px: &[u8], w: usize, h: usize, palette: &[[u8; 3]]) -> Vec<u8>
         raw.push(0);
         raw.extend(row);
     }
-    // zlib: CMF/FLG (deflate, 32 KiB window, no dict, check bits), stored blocks ≤ 65535 bytes.
+    // zlib: CMF/FLG (deflate, 32 KiB window, no dict, check bits), one fixed-Huffman block.
     let mut z = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
-    for (i, b) in blocks.iter().enumerate() {
-        z.push((i + 1 == blocks.len()) as u8);
-        z.extend((b.len() as u16).to_le_bytes());
-        z.extend((!(b.len() as u16)).to_le_bytes());
-        z.extend(*b);
-    }
+    z.extend(deflate_rle(&raw));
     z.extend(adler32(&raw).to_be_bytes());
     let mut out = vec![0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
     let mut ihdr = Vec::new();
@@ -289,6 +373,86 @@ pub fn encode_png(px: &[u8], w: usize, h: usize, palette: &[[u8; 3]]) -> Vec<u8>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inflates the subset `deflate_rle` writes (one fixed-Huffman block; RFC 1951 §3.2.6
+    /// decoding tables written out independently of the encoder's).
+    fn inflate_fixed(z: &[u8]) -> Vec<u8> {
+        let mut pos = 0usize;
+        let mut bit = |n: u32| -> u32 {
+            let mut v = 0;
+            for k in 0..n {
+                let b = (z[pos / 8] >> (pos % 8)) & 1;
+                v |= (b as u32) << k;
+                pos += 1;
+            }
+            v
+        };
+        assert_eq!((bit(1), bit(2)), (1, 1), "final fixed block");
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            // Read a Huffman code MSB-first, growing from 7 to 9 bits.
+            let mut code = 0u32;
+            for _ in 0..7 {
+                code = code << 1 | bit(1);
+            }
+            let sym = if code <= 0x17 {
+                code + 256
+            } else {
+                code = code << 1 | bit(1);
+                if (0x30..=0xBF).contains(&code) {
+                    code - 0x30
+                } else if (0xC0..=0xC7).contains(&code) {
+                    code - 0xC0 + 280
+                } else {
+                    code = code << 1 | bit(1);
+                    code - 0x190 + 144
+                }
+            };
+            match sym {
+                0..=255 => out.push(sym as u8),
+                256 => return out,
+                _ => {
+                    let k = (sym - 257) as usize;
+                    let len = LEN_BASE[k] + bit(LEN_EXTRA[k]);
+                    let mut d = 0;
+                    for _ in 0..5 {
+                        d = d << 1 | bit(1);
+                    }
+                    assert_eq!(d, 0, "distance code 0 (distance 1)");
+                    for _ in 0..len {
+                        out.push(*out.last().unwrap());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rle_deflate_round_trips() {
+        let mut data = Vec::new();
+        for (b, n) in [
+            (0u8, 1usize),
+            (7, 2),
+            (7, 0),
+            (200, 3),
+            (1, 4),
+            (255, 258),
+            (3, 259),
+            (4, 260),
+            (5, 261),
+            (6, 262),
+            (9, 516),
+            (10, 1000),
+            (143, 5),
+            (144, 5),
+        ] {
+            data.extend(std::iter::repeat_n(b, n));
+        }
+        data.extend((0..=255u8).cycle().take(700));
+        assert_eq!(inflate_fixed(&deflate_rle(&data)), data);
+        let png = render(&History::default());
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
 
     #[test]
     fn crc_and_adler_match_known_values() {
