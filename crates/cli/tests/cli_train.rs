@@ -660,6 +660,15 @@ fn help_lists_every_subcommand_and_key() {
     ] {
         assert!(t.contains(f), "{f}: {t}");
     }
+    // Every key of the TOML config has a flag of the same name.
+    let keys = serde_json::to_value(qlora_train::trainer::TrainConfig::default()).unwrap();
+    for k in keys.as_object().unwrap().keys() {
+        let flag = format!("--{}", k.replace('_', "-"));
+        assert!(
+            t.contains(&format!("{flag} ")),
+            "no flag {flag} for key `{k}`"
+        );
+    }
 }
 
 #[test]

@@ -314,3 +314,25 @@ fn packed_batch_equals_its_examples_alone() {
     let wrong = forward_loss(&be, &m, Some(&a), &naive).unwrap();
     assert!((wrong.sum - sum).abs() > 1e-3, "test would not see a leak");
 }
+
+#[test]
+fn save_total_limit_keeps_the_newest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        max_steps: 5,
+        save_every: 1,
+        save_total_limit: 2,
+        eval_count: 0,
+        eval_every: 0,
+        ..base_cfg(tmp.path().join("o"))
+    };
+    let mut t = Trainer::new(cfg).unwrap();
+    t.run(None, &no_stop(), &mut |_| {}).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(tmp.path().join("o"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["checkpoint-4", "checkpoint-5"]);
+}

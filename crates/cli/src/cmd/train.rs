@@ -124,6 +124,9 @@ pub struct Args {
     /// Checkpoint every N steps, 0 = never [default: 100].
     #[arg(long)]
     pub save_every: Option<u64>,
+    /// Keep only the newest N checkpoints, 0 = all [default: 0].
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
     /// Seed of the adapter init, data order and dropout [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -199,9 +202,9 @@ impl Args {
             output_dir, base, device, lora_r, lora_alpha, lora_dropout, target_modules,
             modules_to_save, use_rslora, lr, weight_decay, adam_beta1, adam_beta2, adam_eps,
             max_grad_norm, optim, lr_scheduler, warmup_steps, warmup_ratio, max_steps, epochs,
-            grad_accum, eval_every, save_every, seed, gradient_checkpointing, max_seq_len,
-            batch_size, train_on_inputs, append_eos, strict, packing, shuffle, eval_fraction,
-            eval_count, pad_to_max_seq_len, drop_last;
+            grad_accum, eval_every, save_every, save_total_limit, seed, gradient_checkpointing,
+            max_seq_len, batch_size, train_on_inputs, append_eos, strict, packing, shuffle,
+            eval_fraction, eval_count, pad_to_max_seq_len, drop_last;
             opt model, tokenizer, data, eval_data, init_adapter);
         if let Some(m) = &self.text_mode {
             c.text_mode = serde_json::from_value::<TextMode>(serde_json::Value::from(m.as_str()))

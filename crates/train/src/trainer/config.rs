@@ -77,6 +77,9 @@ pub struct TrainConfig {
     pub eval_every: u64,
     /// Write a checkpoint every N steps; 0 = none (the final adapter is always written).
     pub save_every: u64,
+    /// Keep only the newest N checkpoints (older ones are deleted after a new one is
+    /// complete); 0 = keep all.
+    pub save_total_limit: usize,
     /// Seed of the adapter initialisation, data order and dropout masks.
     pub seed: u64,
     /// Recompute each layer in backward instead of saving its activations.
@@ -132,6 +135,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             eval_every: 0,
             save_every: 100,
+            save_total_limit: 0,
             seed: 42,
             gradient_checkpointing: false,
             max_seq_len: 0,

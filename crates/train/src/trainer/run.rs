@@ -558,6 +558,9 @@ impl Trainer {
         plot::write(&self.history, &tmp.join("loss.png"))?;
         publish_dir(&tmp, &dst)?;
         plot::write(&self.history, &self.config.output_dir.join("loss.png"))?;
+        if self.config.save_total_limit > 0 {
+            prune_checkpoints(&self.config.output_dir, self.config.save_total_limit)?;
+        }
         self.last_checkpoint = Some(dst.clone());
         Ok(dst)
     }
@@ -592,6 +595,25 @@ fn clear_previous_run(out: &Path) -> Result<()> {
         } else if name == "metrics.jsonl" || name == "loss.png" {
             std::fs::remove_file(&p).map_err(|e| TrainerError::io(&p, e))?;
         }
+    }
+    Ok(())
+}
+
+/// Deletes all but the `keep` newest `checkpoint-<step>` directories of `out`.
+fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(out)
+        .map_err(|e| TrainerError::io(out, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    let n = found.len().saturating_sub(keep);
+    for (_, p) in &found[..n] {
+        std::fs::remove_dir_all(p).map_err(|e| TrainerError::io(p, e))?;
     }
     Ok(())
 }
