@@ -99,6 +99,15 @@ fn bad_inputs_exit_nonzero_with_a_message() {
         &qlora(&["quantize", "does-not-exist", "out"], tmp.path()),
         &["does-not-exist"],
     );
+    // Each cause is printed once, even where a library message already includes its source.
+    let o = qlora(&["inspect", "no-such-dir"], tmp.path());
+    assert_clean_failure(&o, &["no-such-dir", "no model.safetensors"]);
+    assert_eq!(
+        text(&o).matches("no model.safetensors").count(),
+        1,
+        "{}",
+        text(&o)
+    );
     assert_clean_failure(
         &qlora(&["quantize", m, "q", "--blocksize", "100"], tmp.path()),
         &["blocksize 100"],

@@ -524,6 +524,7 @@ pub fn quantize_model_dir(
             j += 1;
         }
         let batch = &names[i..j];
+        batch.iter().for_each(|n| weights.prefetch(n));
         let results: Vec<Option<Nf4Tensor>> = batch
             .par_iter()
             .map(|name| {

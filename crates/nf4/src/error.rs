@@ -17,10 +17,12 @@ pub enum Nf4Error {
     #[error("blocksize {0} is not supported (use 32, 64, 128, 256, 512, 1024, 2048 or 4096)")]
     BadBlocksize(usize),
 
-    #[error("{}: {source}", path.display())]
+    /// (`error`, not `source`: the message already includes it, and a chained report such as
+    /// anyhow's `{:#}` would print it twice.)
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{}: not a valid safetensors file: {reason}", path.display())]
@@ -56,7 +58,7 @@ impl Nf4Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Nf4Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

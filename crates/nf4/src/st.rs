@@ -56,6 +56,9 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a concurrent writer truncating the file is outside the
         // contract of every checkpoint reader (transformers and safetensors map files too).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Nf4Error::io(path, e))?;
+        // Checkpoints are read front to back: let the kernel read ahead aggressively.
+        #[cfg(unix)]
+        let _ = mmap.advise(memmap2::Advice::Sequential);
         let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap());
         if header_len > MAX_HEADER_BYTES || 8 + header_len > len {
             return Err(bad(format!("header length {header_len} exceeds the file size {len} (truncated or not safetensors)")));
@@ -128,6 +131,21 @@ impl SafetensorsFile {
             Nf4Error::MissingTensor(format!("{name} (in {})", self.path.display()))
         })?;
         Ok(&self.mmap[self.data_start + t.start..self.data_start + t.end])
+    }
+
+    /// Ask the kernel to start reading a tensor's pages now (it is about to be used).
+    pub fn prefetch(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(t) = self.tensors.get(name) {
+            let start = (self.data_start + t.start) / 4096 * 4096;
+            let _ = self.mmap.advise_range(
+                memmap2::Advice::WillNeed,
+                start,
+                self.data_start + t.end - start,
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = name;
     }
 
     /// Let the kernel drop the cached pages of a tensor we are done with, so that streaming
@@ -283,10 +301,21 @@ impl ModelWeights {
                 files: vec![f],
                 index,
             })
+        } else if dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists()
+        {
+            Err(Nf4Error::Io {
+                path: dir.into(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "has only pytorch_model.bin (pickle) weights, which are not read for safety; \
+                     convert them to safetensors first (transformers: save_pretrained(..., safe_serialization=True))",
+                ),
+            })
         } else {
             Err(Nf4Error::Io {
                 path: dir.into(),
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no model.safetensors or model.safetensors.index.json in this directory",
                 ),
@@ -340,6 +369,12 @@ impl ModelWeights {
     pub fn release(&self, name: &str) {
         if let Ok(f) = self.file_of(name) {
             f.release(name);
+        }
+    }
+
+    pub fn prefetch(&self, name: &str) {
+        if let Ok(f) = self.file_of(name) {
+            f.prefetch(name);
         }
     }
 

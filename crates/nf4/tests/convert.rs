@@ -485,3 +485,15 @@ fn corrupt_quant_state_is_refused_by_name() {
     let e = w.get_nf4(name).unwrap_err().to_string();
     assert!(e.contains(name) && e.contains("needs"), "{e}");
 }
+
+#[test]
+fn pickle_only_checkpoint_is_refused_by_name() {
+    let (_t, dir) = scratch_model();
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("pytorch_model.bin"), b"not read").unwrap();
+    let (e, _) = quantize_err(&dir);
+    assert!(
+        e.contains("pytorch_model.bin") && e.contains("safetensors"),
+        "{e}"
+    );
+}

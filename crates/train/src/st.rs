@@ -20,28 +20,20 @@ pub(crate) fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>>
 
 /// Widen an F32/BF16/F16 tensor to f32 exactly (every bf16/f16 value is an f32).
 pub(crate) fn view_to_f32(path: &Path, name: &str, v: &TensorView<'_>) -> Result<Vec<f32>> {
-    let b = v.data();
-    Ok(match v.dtype() {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(TrainError::tensor(
+    nf4_dtype(v.dtype())
+        .and_then(|d| qlora_nf4::to_f32(d, v.data()))
+        .ok_or_else(|| {
+            TrainError::tensor(
                 path,
                 name,
-                format!("dtype {other:?}; expected F32, BF16 or F16"),
-            ))
-        }
-    })
+                format!("dtype {:?}; expected F32, BF16 or F16", v.dtype()),
+            )
+        })
+}
+
+/// The same dtype in qlora-nf4's enum (the names are safetensors' own).
+fn nf4_dtype(d: Dtype) -> Option<qlora_nf4::Dtype> {
+    qlora_nf4::Dtype::from_safetensors_name(&format!("{d:?}"))
 }
 
 /// One tensor to write: name, dtype, shape, little-endian bytes.
@@ -71,20 +63,21 @@ impl OutTensor {
     }
 }
 
-/// Write a safetensors file atomically: a temp file in the same directory, then rename, so a
-/// reader never sees a half-written file.
+/// Write a safetensors file atomically (qlora-nf4's writer: `<path>.partial`, then rename), so
+/// a reader never sees a half-written file.
 pub(crate) fn write_atomic(path: &Path, tensors: &[OutTensor], format_pt: bool) -> Result<()> {
-    let mut views = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let v = TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
-            .map_err(|e| TrainError::tensor(path, &t.name, format!("cannot serialize: {e}")))?;
-        views.push((t.name.clone(), v));
-    }
-    let meta: Option<HashMap<String, String>> =
-        format_pt.then(|| HashMap::from([("format".to_string(), "pt".to_string())]));
-    let bytes = safetensors::tensor::serialize(views, &meta)
-        .map_err(|e| TrainError::tensor(path, "<file>", format!("cannot serialize: {e}")))?;
-    write_file_atomic(path, &bytes)
+    let owned = tensors
+        .iter()
+        .map(|t| {
+            let d = nf4_dtype(t.dtype).ok_or_else(|| {
+                TrainError::tensor(path, &t.name, format!("cannot write dtype {:?}", t.dtype))
+            })?;
+            Ok((t.name.clone(), d, t.shape.clone(), t.bytes.clone()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = format_pt.then(|| HashMap::from([("format".to_string(), "pt".to_string())]));
+    qlora_nf4::write_safetensors(path, &owned, meta)
+        .map_err(|e| TrainError::tensor(path, "<file>", e.to_string()))
 }
 
 /// Write bytes to `path` through a temp file + rename in the same directory.

@@ -120,7 +120,7 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "  time: {:.3} s, {:.1} M params/s, {:.2} GB/s of input",
         s.seconds,
-        s.params_quantized as f64 / secs / 1e6,
+        s.params_total as f64 / secs / 1e6,
         s.bytes_in as f64 / secs / 1e9
     );
     drop(gguf_staging);
