@@ -26,6 +26,11 @@ enum Command {
     Dequantize(cmd::dequantize::Args),
     /// Per-tensor dtype, shape, quantization state and size; with --against, quantization error.
     Inspect(cmd::inspect::Args),
+    // (about texts: the doc comments of each Args struct)
+    Train(Box<cmd::train::Args>),
+    Eval(cmd::eval::Args),
+    Merge(cmd::merge::Args),
+    Generate(cmd::generate::Args),
 }
 
 fn main() {
@@ -43,6 +48,10 @@ fn main() {
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Dequantize(a) => cmd::dequantize::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Train(a) => cmd::train::run(*a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", report(&e));

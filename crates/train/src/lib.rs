@@ -31,6 +31,7 @@ pub mod lora;
 pub mod model;
 pub mod schedule;
 mod st;
+pub mod trainer;
 pub mod weights;
 
 pub use backend::{AttnDims, Backend, Dropout, FrozenWeight, LinearDims, LoraArgs, RopeDims};

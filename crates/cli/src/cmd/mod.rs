@@ -1,6 +1,10 @@
 pub mod dequantize;
+pub mod eval;
+pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod quantize;
+pub mod train;
 
 use anyhow::{bail, Result};
 use qlora_nf4::Dtype;
