@@ -20,6 +20,14 @@ pub const NF4_SIDE_SUFFIXES: [&str; 5] = [
     QUANT_STATE_NF4,
 ];
 
+/// Is `name` one of the side tensors of a 4-bit weight (`<module>.weight.absmax`, …)?
+pub fn is_nf4_side_tensor(name: &str) -> bool {
+    NF4_SIDE_SUFFIXES.iter().any(|suf| {
+        name.strip_suffix(suf)
+            .is_some_and(|rest| rest.ends_with(".weight."))
+    })
+}
+
 /// Python's `repr(float)`: the shortest decimal that round-trips, in exponent form below 1e-4
 /// and from 1e16 on, with at least two exponent digits — what `json.dumps` writes for the
 /// quant state's `nested_offset` (an f32 widened to a Python float).
@@ -310,6 +318,17 @@ impl ModelWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn side_tensors_of_4bit_weights() {
+        assert!(is_nf4_side_tensor(
+            "model.layers.0.mlp.up_proj.weight.absmax"
+        ));
+        assert!(is_nf4_side_tensor("m.weight.quant_state.bitsandbytes__nf4"));
+        assert!(!is_nf4_side_tensor("model.layers.0.mlp.up_proj.weight"));
+        assert!(!is_nf4_side_tensor("model.norm.absmax"));
+        assert!(!is_nf4_side_tensor("lm_head.weight"));
+    }
 
     #[test]
     fn python_repr_matches_python() {

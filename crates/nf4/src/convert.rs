@@ -7,7 +7,9 @@
 //! Atomicity: everything is written into a temporary sibling directory that is renamed onto
 //! the output only after the last byte is on disk; a failure leaves no half-written output.
 
-use crate::bnb::{nf4_checkpoint_tensors, quantization_config, NF4_SIDE_SUFFIXES};
+use crate::bnb::{
+    is_nf4_side_tensor, nf4_checkpoint_tensors, quantization_config, NF4_SIDE_SUFFIXES,
+};
 use crate::quant::{check_blocksize, FloatData};
 use crate::st::{header_bound, ModelWeights, StreamingWriter};
 use crate::{from_f32, Dtype, Nf4Error, Nf4Tensor, Result};
@@ -463,6 +465,12 @@ pub fn quantize_model_dir(
     let weights = ModelWeights::open(input)?;
     // Validate everything before writing anything.
     let names = weights.names();
+    // The one rule for "this tensor becomes NF4": used to validate, to plan headers, to write.
+    let quantized = |name: &str| {
+        let info = weights.tensor_info(name).expect("listed tensor");
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        is_quantizable(name, &info.shape) && !is_skipped(module, &opts.skip_modules)
+    };
     for name in &names {
         let info = weights.tensor_info(name)?;
         if let Some(want) = expected_shape(&shapes, name) {
@@ -477,11 +485,7 @@ pub fn quantize_model_dir(
                 });
             }
         }
-        let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
-        if is_quantizable(name, &info.shape)
-            && !is_skipped(module, &opts.skip_modules)
-            && !info.dtype.is_float16_or_32()
-        {
+        if quantized(name) && !info.dtype.is_float16_or_32() {
             return Err(Nf4Error::BadStoredTensor {
                 path: weights.file_of(name)?.path.clone(),
                 tensor: name.clone(),
@@ -493,11 +497,6 @@ pub fn quantize_model_dir(
         }
     }
     let staging = Staging::new(input, out, opts.force)?;
-    let quantized = |name: &str| {
-        let info = weights.tensor_info(name).expect("listed tensor");
-        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
-        is_quantizable(name, &info.shape) && !is_skipped(module, &opts.skip_modules)
-    };
     let reserve = output_header_bound(&weights, &names, quantized)?;
     let mut writer = ShardedWriter::new(&staging.tmp, opts.max_shard_bytes, reserve);
     let mut s = ConvertSummary {
@@ -601,13 +600,8 @@ pub fn dequantize_model_dir(
         bytes_in: weights.total_bytes() as u64,
         ..Default::default()
     };
-    let is_side = |n: &str| {
-        NF4_SIDE_SUFFIXES
-            .iter()
-            .any(|suf| n.ends_with(&format!(".weight.{suf}")))
-    };
     for name in &names {
-        if is_side(name) {
+        if is_nf4_side_tensor(name) {
             continue;
         }
         let (entry_dtype, shape, bytes) = if weights.is_nf4(name) {
@@ -744,15 +738,10 @@ pub fn inspect(
 ) -> Result<(Vec<TensorReport>, Option<QuantError>)> {
     let weights = ModelWeights::open(dir)?;
     let orig = against.map(ModelWeights::open).transpose()?;
-    let is_side = |n: &str| {
-        NF4_SIDE_SUFFIXES
-            .iter()
-            .any(|suf| n.ends_with(&format!(".weight.{suf}")))
-    };
     let mut rows = Vec::new();
     let mut overall: Option<QuantError> = None;
     for name in weights.names() {
-        if is_side(&name) {
+        if is_nf4_side_tensor(&name) {
             continue;
         }
         let info = weights.tensor_info(&name)?.clone();

@@ -154,16 +154,7 @@ fn gguf_input(
         }),
     };
     let Some(dtype) = target else {
-        let parent = out_dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".qlora-gguf-")
-            .tempdir_in(parent)
-            .context("creating a temporary directory")?;
+        let tmp = temp_beside(out_dir)?;
         let hf = tmp.path().join("hf");
         let s = convert_to_hf(gguf, &hf, OutDtype::F32)
             .with_context(|| format!("converting {}", gguf.display()))?;
@@ -182,15 +173,7 @@ fn gguf_input(
             out_dir.display()
         );
     }
-    let parent = out_dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".qlora-gguf-")
-        .tempdir_in(parent)
-        .context("creating a temporary directory")?;
+    let tmp = temp_beside(out_dir)?;
     let staged = tmp.path().join("out");
     let s = convert_to_hf(gguf, &staged, dtype)
         .with_context(|| format!("converting {}", gguf.display()))?;
@@ -211,6 +194,19 @@ fn gguf_input(
         s.tokenizer_model
     );
     Ok(None)
+}
+
+/// A temporary directory beside `out_dir` (same file system, so the final rename is atomic).
+fn temp_beside(out_dir: &Path) -> Result<tempfile::TempDir> {
+    let parent = out_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    tempfile::Builder::new()
+        .prefix(".qlora-gguf-")
+        .tempdir_in(parent)
+        .context("creating a temporary directory")
 }
 
 fn source_types(t: &std::collections::BTreeMap<String, usize>) -> String {
