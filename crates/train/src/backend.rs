@@ -72,6 +72,14 @@ pub trait Backend: Sync {
     type Frozen: Send + Sync;
 
     fn name(&self) -> String;
+    /// Waits until every op queued so far has finished and returns the first error any of
+    /// them hit since the previous call. Op methods return nothing so that the schedule stays
+    /// readable; a backend whose ops can fail (a device launch, an out-of-memory) keeps the
+    /// first error sticky, skips later ops, and reports it here. Timing wrappers call this to
+    /// attribute asynchronous work to the op that queued it.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
     /// A zero-filled buffer of `n` elements.
     fn zeros(&self, n: usize) -> Self::Buf;
     /// Host f32 → buffer (rounded to the compute dtype).
