@@ -319,6 +319,25 @@ fn trainer_seq_len(c: &TrainConfig, s: &Summary) -> usize {
         .max_seq_len
 }
 
+/// A 24-cell progress bar `[████░░░░]` for `done` of `total` steps (eighth-cell resolution).
+fn bar(done: u64, total: u64) -> String {
+    const CELLS: u64 = 24;
+    const PARTIAL: [char; 8] = [' ', '▏', '▎', '▍', '▌', '▋', '▊', '▉'];
+    let eighths = (done.min(total) * CELLS * 8)
+        .checked_div(total)
+        .unwrap_or(CELLS * 8);
+    let (full, part) = ((eighths / 8) as usize, (eighths % 8) as usize);
+    let mut s = String::with_capacity(CELLS as usize * 3 + 2);
+    s.push('[');
+    s.extend(std::iter::repeat_n('█', full));
+    if full < CELLS as usize {
+        s.push(if part > 0 { PARTIAL[part] } else { '░' });
+        s.extend(std::iter::repeat_n('░', CELLS as usize - full - 1));
+    }
+    s.push(']');
+    s
+}
+
 fn eta(secs: f64) -> String {
     let s = secs.max(0.0).round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
@@ -388,7 +407,8 @@ pub fn run(a: Args) -> Result<()> {
                 eta(per * (total - r.step) as f64)
             );
             if tty {
-                eprint!("\r{line}");
+                // In place, with a bar: the line is rewritten every step.
+                eprint!("\r{} {line}", bar(r.step - start_step, total - start_step));
                 if r.step == total {
                     eprintln!();
                 }
@@ -487,6 +507,18 @@ mod tests {
             }
         }
         assert!(n >= 2);
+    }
+
+    #[test]
+    fn bar_fills_in_eighths_and_is_always_24_cells() {
+        let cells = |s: &str| s.chars().count() - 2;
+        for (done, total) in [(0, 10), (1, 10), (5, 10), (10, 10), (3, 0), (7, 1000)] {
+            assert_eq!(cells(&bar(done, total)), 24, "{done}/{total}");
+        }
+        assert_eq!(bar(0, 10), format!("[{}]", "░".repeat(24)));
+        assert_eq!(bar(10, 10), format!("[{}]", "█".repeat(24)));
+        // 1/10 of 24 cells = 2.4 cells = 2 full cells and 3 eighths.
+        assert_eq!(bar(1, 10), format!("[██▍{}]", "░".repeat(21)));
     }
 
     #[test]
