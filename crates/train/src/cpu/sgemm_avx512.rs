@@ -152,25 +152,88 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Transpose a 16×16 f32 tile held in 16 registers (`r[i]` = row i) in place.
+///
+/// Four stages of in-lane and cross-lane shuffles; writing rows a…p and columns 0…15:
+/// 1. `unpacklo/hi(r2i, r2i+1)` interleave row pairs: per 128-bit lane L, `a4L b4L a4L+1 b4L+1`.
+/// 2. `shuffle_ps(.., 0x44 / 0xEE)` joins pairs into quads: `r4g+j` holds, in lane L, rows
+///    4g…4g+3 at column 4L+j.
+/// 3. `shuffle_f32x4(r, r+4, 0x88 / 0xDD)` gathers lanes {0,2} / {1,3} of two row groups.
+/// 4. the same between groups 0–1 and 2–3: `r[c]` = column c, rows a…p in order.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for g in 0..4 {
+        let (lo, hi) = (t[4 * g], t[4 * g + 1]);
+        let (lo2, hi2) = (t[4 * g + 2], t[4 * g + 3]);
+        r[4 * g] = _mm512_shuffle_ps::<0x44>(lo, lo2);
+        r[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(lo, lo2);
+        r[4 * g + 2] = _mm512_shuffle_ps::<0x44>(hi, hi2);
+        r[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(hi, hi2);
+    }
+    for h in 0..2 {
+        for j in 0..4 {
+            let (x, y) = (r[8 * h + j], r[8 * h + 4 + j]);
+            t[8 * h + j] = _mm512_shuffle_f32x4::<0x88>(x, y);
+            t[8 * h + 4 + j] = _mm512_shuffle_f32x4::<0xDD>(x, y);
+        }
+    }
+    for j in 0..8 {
+        r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+        r[8 + j] = _mm512_shuffle_f32x4::<0xDD>(t[j], t[8 + j]);
+    }
+}
+
 /// Pack the (kc × n) block of B at `b` into NR-wide panels `dst[panel][p·NR + jj]`,
-/// zero-padding the last panel. Loops run over p outermost so writes are contiguous and the
-/// reads of a transposed operand walk NR rows in step.
+/// zero-padding the last panel. Three cases, all producing the same bytes:
+/// - row-contiguous B (`cs == 1`, e.g. `dy·W` with W row-major): two zmm copies per row;
+/// - column-contiguous B (`rs == 1`, e.g. `x·Wᵀ`): 16 columns × 16 k-steps are loaded as 16
+///   contiguous rows and transposed in registers — the element-wise gather this replaces
+///   was the largest cost outside the micro-kernel;
+/// - anything else, and the ragged edges: element by element.
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_b(dst: &mut [f32], b: Mat, kc: usize, n: usize) {
     for (panel, j0) in (0..n).step_by(NR).enumerate() {
         let out = &mut dst[panel * KC * NR..panel * KC * NR + kc * NR];
         let w = NR.min(n - j0);
         let base = b.p.offset(j0 as isize * b.cs);
+        // k-steps [0, p_simd) of the 16-column halves below `w_simd` are done in registers.
+        let (p_simd, w_simd) = if b.cs != 1 && b.rs == 1 {
+            (kc / 16 * 16, w / 16 * 16)
+        } else {
+            (0, 0)
+        };
+        for h in (0..w_simd).step_by(16) {
+            for p0 in (0..p_simd).step_by(16) {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (jj, v) in r.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(base.offset((h + jj) as isize * b.cs + p0 as isize));
+                }
+                transpose16(&mut r);
+                for (pp, v) in r.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add((p0 + pp) * NR + h), *v);
+                }
+            }
+        }
         for p in 0..kc {
             let row = &mut out[p * NR..p * NR + NR];
             let src = base.offset(p as isize * b.rs);
             if b.cs == 1 {
-                // an inline loop, not copy_from_slice: a 32-float memmove call per row
-                // showed up in profiles
+                if w == NR {
+                    _mm512_storeu_ps(row.as_mut_ptr(), _mm512_loadu_ps(src));
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16), _mm512_loadu_ps(src.add(16)));
+                    continue;
+                }
                 for (jj, o) in row[..w].iter_mut().enumerate() {
                     *o = *src.add(jj);
                 }
             } else {
-                for (jj, o) in row[..w].iter_mut().enumerate() {
+                let from = if p < p_simd { w_simd } else { 0 };
+                for (jj, o) in row[..w].iter_mut().enumerate().skip(from) {
                     *o = *src.offset(jj as isize * b.cs);
                 }
             }
@@ -180,12 +243,34 @@ unsafe fn pack_b(dst: &mut [f32], b: Mat, kc: usize, n: usize) {
 }
 
 /// Pack α·(mc × kc) of A at `a` into MR-tall panels `dst[panel][p·MR + i]`, zero-padded.
+/// Row-major A (`cs == 1`, the activations of every forward and backward product): the MR
+/// rows × 16 k-steps are transposed in registers (rows MR…15 zero) and each k-step's MR
+/// values stored with one masked store; otherwise, and on ragged edges, element by element.
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_a(dst: &mut [f32], a: Mat, mc: usize, kc: usize, alpha: f32) {
+    const MR_MASK: __mmask16 = (1 << MR) - 1;
+    let va = _mm512_set1_ps(alpha);
     for (panel, i0) in (0..mc).step_by(MR).enumerate() {
         let out = &mut dst[panel * KC * MR..panel * KC * MR + kc * MR];
         let h = MR.min(mc - i0);
         let base = a.p.offset(i0 as isize * a.rs);
-        for p in 0..kc {
+        let p_simd = if a.cs == 1 && h == MR {
+            kc / 16 * 16
+        } else {
+            0
+        };
+        for p0 in (0..p_simd).step_by(16) {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, v) in r.iter_mut().take(MR).enumerate() {
+                *v = _mm512_loadu_ps(base.offset(i as isize * a.rs + p0 as isize));
+            }
+            transpose16(&mut r);
+            for (pp, v) in r.iter().enumerate() {
+                let o = out.as_mut_ptr().add((p0 + pp) * MR);
+                _mm512_mask_storeu_ps(o, MR_MASK, _mm512_mul_ps(va, *v));
+            }
+        }
+        for p in p_simd..kc {
             let col = &mut out[p * MR..p * MR + MR];
             let src = base.offset(p as isize * a.cs);
             for (i, o) in col[..h].iter_mut().enumerate() {
@@ -283,6 +368,74 @@ unsafe fn block(
 mod tests {
     use super::*;
 
+    /// The register-transposing packers are pure data movement (and one α multiply): they
+    /// must produce exactly the bytes of the element-by-element definition, for contiguous
+    /// rows, contiguous columns and general strides, full and ragged panels.
+    #[test]
+    fn packing_is_the_plain_layout_bit_for_bit() {
+        if !available() {
+            eprintln!("packing_is_the_plain_layout_bit_for_bit: skipped, no AVX-512F");
+            return;
+        }
+        let vals: Vec<f32> = (0..40_000).map(|i| (i as f32 * 0.37).sin()).collect();
+        for &(rows, cols) in &[(16, 32), (37, 70), (256, 64), (40, 12), (5, 3)] {
+            for &(rs, cs) in &[
+                (cols, 1),
+                (1, rows),
+                (cols + 3, 1),
+                (1, rows + 5),
+                (2 * cols, 2),
+            ] {
+                let m = Mat {
+                    p: vals.as_ptr(),
+                    rs: rs as isize,
+                    cs: cs as isize,
+                };
+                let at = |i: usize, j: usize| vals[i * rs + j * cs];
+                // B: kc = rows (≤ KC), n = cols.
+                let (kc, n) = (rows.min(KC), cols);
+                let mut got = vec![f32::NAN; KC * n.div_ceil(NR) * NR];
+                unsafe { pack_b(&mut got, m, kc, n) };
+                for (panel, j0) in (0..n).step_by(NR).enumerate() {
+                    for p in 0..kc {
+                        for jj in 0..NR {
+                            let want = if j0 + jj < n { at(p, j0 + jj) } else { 0.0 };
+                            let g = got[panel * KC * NR + p * NR + jj];
+                            assert_eq!(
+                                g.to_bits(),
+                                want.to_bits(),
+                                "B {rows}x{cols} rs{rs} cs{cs} p{p} j{}",
+                                j0 + jj
+                            );
+                        }
+                    }
+                }
+                // A: mc = rows, kc = cols (≤ KC), α = 0.75.
+                let (mc, kc) = (rows, cols.min(KC));
+                let mut got = vec![f32::NAN; KC * MC.div_ceil(MR) * MR];
+                unsafe { pack_a(&mut got, m, mc, kc, 0.75) };
+                for (panel, i0) in (0..mc).step_by(MR).enumerate() {
+                    for p in 0..kc {
+                        for i in 0..MR {
+                            let want = if i0 + i < mc {
+                                0.75 * at(i0 + i, p)
+                            } else {
+                                0.0
+                            };
+                            let g = got[panel * KC * MR + p * MR + i];
+                            assert_eq!(
+                                g.to_bits(),
+                                want.to_bits(),
+                                "A {rows}x{cols} rs{rs} cs{cs} i{} p{p}",
+                                i0 + i
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The AVX-512 path against the `gemm` crate on shapes that cross every block edge
     /// (MR, NR, KC, MC, the per-thread column split), transposed and plain operands,
     /// overwrite and accumulate, α ≠ 1.
@@ -307,6 +460,8 @@ mod tests {
             (100, 33, 513),
             (97, 2100, 40),
             (5, 40, 20),
+            (24, 64, 48),
+            (36, 96, 272),
         ] {
             for &(ta, tb) in &[(false, false), (false, true), (true, false)] {
                 for &(acc, par) in &[(false, false), (true, true)] {
