@@ -911,6 +911,19 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// The adapter arenas as the optimizer takes them: `params` writable, `grads` read-only,
+    /// both f32 (the `Adapter` allocates them with `upload_f32` / `zeros_f32`).
+    pub fn f32_views<'a>(
+        &self,
+        params: &'a mut CudaBuf,
+        grads: &'a CudaBuf,
+        op: &str,
+    ) -> Result<(ViewMut<'a, f32>, View<'a, f32>)> {
+        let p = view_mut::<f32>(params, op, "params").map_err(|e| device_err(op, e))?;
+        let g = view::<f32>(grads, op, "grads").map_err(|e| device_err(op, e))?;
+        Ok((p, g))
+    }
+
     /// RoPE in place over `x (B·T, heads·D)`, one launch per sequence: row `t` of sequence `b`
     /// sits at position `pos_offset + t`, read from the table's position block.
     fn rope(&self, x: &mut CudaBuf, table: &CudaBuf, dims: RopeDims, bwd: bool) {
