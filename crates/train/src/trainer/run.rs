@@ -49,6 +49,8 @@ pub enum Outcome {
 /// What the run is about to do, for the start-of-run summary.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// The backend it runs on (`Backend::name`, e.g. `cuda-bf16 (NVIDIA H100 80GB HBM3)`).
+    pub device: String,
     pub model_dir: PathBuf,
     pub model: ModelConfig,
     /// PEFT's parameter count (trainable = the adapter arena).
@@ -267,6 +269,7 @@ impl<B: TrainBackend> Trainer<B> {
         let optimizer_bytes = host_opt.state_bytes();
         let opt = be.optimizer(host_opt, &config, memory.activations as u64)?;
         let summary = Summary {
+            device: be.name(),
             memory,
             model_dir,
             params: ParamReport::new(&model.config, &adapter.layout, model.nf4_base),
