@@ -310,6 +310,11 @@ impl<B: TrainBackend> Trainer<B> {
         })
     }
 
+    /// The backend the run is on.
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
     /// The start-of-run facts.
     pub fn summary(&self) -> &Summary {
         &self.summary
