@@ -24,7 +24,7 @@
 //!
 //! # Allocation
 //! Every activation, saved buffer and scratch goes through ONE private function,
-//! [`CudaBackend::allocate`], so that a planned arena can replace the caching pool there.
+//! `CudaBackend::allocate` (private), so that a planned arena can replace the caching pool there.
 //!
 //! # Limits (typed errors, never wrong results)
 //! Attention runs without a KV-cache offset (training and full-sequence evaluation: `Tq = Tk`);
