@@ -112,6 +112,24 @@ fn residual_add_and_copy() {
     let got = g.download(&cg);
     assert_eq!(&got[5..n - 5], &g.download(&ag)[3..n - 7], "copy is exact");
     assert!(got[..5].iter().all(|&x| x == 0.0));
+    // A dtype mismatch is a typed error naming the op (sticky until synchronize), never a
+    // reinterpretation of the bytes.
+    let before = g.download(&ag);
+    let mut f = g.zeros_f32(n);
+    g.add_acc(&mut f, &bg);
+    g.add_acc(&mut ag, &bg); // skipped: an error is pending
+    match g.synchronize() {
+        Err(TrainError::Device { op, msg }) => {
+            assert_eq!(op, "add_acc");
+            assert!(msg.contains("bf16"), "{msg}");
+        }
+        other => panic!("expected a Device error, got {other:?}"),
+    }
+    assert_eq!(
+        g.download(&ag),
+        before,
+        "the op after the error was skipped"
+    );
 }
 
 #[test]

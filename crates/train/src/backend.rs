@@ -220,7 +220,8 @@ pub trait Backend: Sync {
     );
 
     /// `y (N, out) = x·deq(W)ᵀ + bias + S·(drop(x)·Aᵀ)·Bᵀ`; `u (N, R)` = drop(x)·Aᵀ saved for bwd
-    /// (pass `None` for inference). `params` is the adapter arena.
+    /// (pass `None` for inference; only this backend's bwd reads it: CudaBackend stores it
+    /// pre-scaled, S·drop(x)·Aᵀ). `params` is the adapter arena.
     #[allow(clippy::too_many_arguments)]
     fn nf4_lora_linear_fwd(
         &self,
