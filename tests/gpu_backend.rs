@@ -812,3 +812,16 @@ fn tg_download(
 ) -> Vec<f32> {
     backend(t).download(f(t))
 }
+
+/// The trainer's gradient check counts NaN/Inf on the device.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn nonfinite_count_of_a_gradient_arena() {
+    let g = gpu();
+    let mut v = values(100_003, 40, 1.0);
+    assert_eq!(g.nonfinite_count(&g.upload_f32(&v), "test").unwrap(), 0);
+    v[0] = f32::NAN;
+    v[77_777] = f32::INFINITY;
+    v[100_002] = f32::NEG_INFINITY;
+    assert_eq!(g.nonfinite_count(&g.upload_f32(&v), "test").unwrap(), 3);
+}

@@ -140,3 +140,23 @@ pub fn bias_fwd<T: Elem>(
         stream,
     )
 }
+
+/// Number of NaN/Inf elements of `x` (waits for the stream: one `i32` read back).
+pub fn nonfinite_count(dev: &Device, x: &View<'_, f32>, stream: Option<&Stream>) -> Result<usize> {
+    const OP: &str = "elementwise::nonfinite_count";
+    let n = x.len();
+    let mut count = dev.zeros::<i32>(1, "nonfinite count")?;
+    let args = Args::new().ptr_mut(&count.view_mut()).ptr(x).arg(n as i64);
+    dev.launch(
+        FILE,
+        "qlr_nonfinite_count_f32",
+        geometry(n, dev.sm_count()),
+        args,
+        stream,
+    )?;
+    if let Some(s) = stream {
+        s.synchronize()?;
+    }
+    let c = dev.download(&count.view())?[0];
+    usize::try_from(c).map_err(|_| bad_arg(OP, "count", format!("{c} is negative")))
+}

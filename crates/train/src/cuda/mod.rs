@@ -961,6 +961,13 @@ impl CudaBackend {
         Ok((p, g))
     }
 
+    /// NaN/Inf elements of an f32 buffer (waits for the device; reports a pending error).
+    pub fn nonfinite_count(&self, buf: &CudaBuf, op: &str) -> Result<usize> {
+        self.synchronize()?;
+        let v = view::<f32>(buf, op, "buf").map_err(|e| device_err(op, e))?;
+        elementwise::nonfinite_count(&self.dev, &v, None).map_err(|e| device_err(op, e))
+    }
+
     /// RoPE in place over `x (B·T, heads·D)`, one launch per sequence: row `t` of sequence `b`
     /// sits at position `pos_offset + t`, read from the table's position block.
     fn rope(&self, x: &mut CudaBuf, table: &CudaBuf, dims: RopeDims, bwd: bool) {
