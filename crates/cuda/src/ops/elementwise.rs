@@ -31,7 +31,7 @@ pub fn cast<D: Elem, S: Elem>(
     let args = Args::new().ptr_mut(y).ptr(x).arg(n as i64);
     dev.launch(
         FILE,
-        &entry::<D>("qlr_cast_fwd"),
+        &entry::<D>("qlr_elementwise_cast_fwd"),
         geometry(n, dev.sm_count()),
         args,
         stream,
@@ -77,7 +77,7 @@ pub fn dropout_fwd<T: Elem>(
         .arg(keep_scale(p));
     dev.launch(
         FILE,
-        &entry::<T>("qlr_dropout_fwd"),
+        &entry::<T>("qlr_elementwise_dropout_fwd"),
         geometry(n, dev.sm_count()),
         args,
         stream,
@@ -107,7 +107,7 @@ pub fn dropout_bwd_acc<T: Elem>(
         .arg(keep_scale(p));
     dev.launch(
         FILE,
-        &entry::<T>("qlr_dropout_bwd_acc"),
+        &entry::<T>("qlr_elementwise_dropout_bwd_acc"),
         geometry(n, dev.sm_count()),
         args,
         stream,
@@ -134,7 +134,7 @@ pub fn bias_fwd<T: Elem>(
         .arg(dim_i32(OP, "n", n)?);
     dev.launch(
         FILE,
-        &entry::<T>("qlr_bias_fwd"),
+        &entry::<T>("qlr_elementwise_bias_fwd"),
         geometry(rows * n, dev.sm_count()),
         args,
         stream,
@@ -149,7 +149,7 @@ pub fn nonfinite_count(dev: &Device, x: &View<'_, f32>, stream: Option<&Stream>)
     let args = Args::new().ptr_mut(&count.view_mut()).ptr(x).arg(n as i64);
     dev.launch(
         FILE,
-        "qlr_nonfinite_count_f32",
+        "qlr_elementwise_nonfinite_count_f32",
         geometry(n, dev.sm_count()),
         args,
         stream,
