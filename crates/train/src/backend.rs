@@ -84,11 +84,47 @@ pub trait Backend: Sync {
     fn zeros(&self, n: usize) -> Self::Buf;
     /// Host f32 → buffer (rounded to the compute dtype).
     fn upload(&self, host: &[f32]) -> Self::Buf;
+    /// A zero-filled buffer of `n` elements the backend keeps in f32 whatever its compute
+    /// dtype: the LoRA master weights' gradient arena, per-row statistics (`rmsnorm` rstd,
+    /// cross-entropy lse) and attention's saved buffer. Same as [`Backend::zeros`] for an f32
+    /// backend.
+    fn zeros_f32(&self, n: usize) -> Self::Buf {
+        self.zeros(n)
+    }
+    /// Host f32 → an f32 buffer (exact): the LoRA master weights (the adapter arena).
+    fn upload_f32(&self, host: &[f32]) -> Self::Buf {
+        self.upload(host)
+    }
+    /// The RoPE table for positions `0..positions` from the inverse frequencies `(D/2,)`
+    /// (llama3 scaling already applied), in whatever form [`Backend::rope_fwd`] reads: by
+    /// default the `(P, D)` cos/sin table of [`crate::cpu::rope::table_f32`].
+    fn rope_table(&self, inv_freq: &[f64], positions: usize) -> Self::Buf {
+        self.upload(&crate::cpu::rope::table_f32(inv_freq, positions))
+    }
     /// Buffer → host f32.
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Prepare a frozen weight `(out, in)`; `name` is for errors.
     fn frozen(&self, name: &str, w: FrozenWeight, out: usize, inp: usize) -> Result<Self::Frozen>;
+    /// QLoRA's quantize-on-load: the dense `(out, in)` weight `data` quantized to NF4
+    /// (bitsandbytes' rules, blocksize `qb`, optionally double-quantized; `dtype` is the
+    /// checkpoint dtype the QuantState records) and prepared. By default on the host
+    /// (`Nf4Tensor::quantize`, then [`Backend::frozen`]); a device backend quantizes where the
+    /// weight will live.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_frozen(
+        &self,
+        name: &str,
+        data: Vec<f32>,
+        out: usize,
+        inp: usize,
+        qb: usize,
+        double_quant: bool,
+        dtype: qlora_nf4::Dtype,
+    ) -> Result<Self::Frozen> {
+        let t = qlora_nf4::Nf4Tensor::quantize(name, &data, &[out, inp], qb, double_quant, dtype)?;
+        self.frozen(name, FrozenWeight::Nf4(t), out, inp)
+    }
     /// The frozen weight as f32 `(out·in,)` (NF4: dequantized), for merging.
     fn frozen_to_f32(&self, w: &Self::Frozen) -> Vec<f32>;
 
@@ -184,7 +220,8 @@ pub trait Backend: Sync {
     );
 
     /// `y (N, out) = x·deq(W)ᵀ + bias + S·(drop(x)·Aᵀ)·Bᵀ`; `u (N, R)` = drop(x)·Aᵀ saved for bwd
-    /// (pass `None` for inference). `params` is the adapter arena.
+    /// (pass `None` for inference; only this backend's bwd reads it: CudaBackend stores it
+    /// pre-scaled, S·drop(x)·Aᵀ). `params` is the adapter arena.
     #[allow(clippy::too_many_arguments)]
     fn nf4_lora_linear_fwd(
         &self,

@@ -1,6 +1,8 @@
 //! Llama-family model, LoRA adapters and the training schedule (forward, backward,
 //! recompute), written once against the [`Backend`] trait; [`CpuBackend`] is the f32
-//! reference implementation.
+//! reference implementation, [`CudaBackend`] the GPU one (bf16 compute, f32 LoRA master
+//! weights and gradients, NF4 base on the device). The [`trainer::Trainer`] runs on either
+//! ([`trainer::TrainBackend`]).
 //!
 //! # Dimension letters
 //! Used in every buffer's doc comment (e.g. `/// (B·T, C) f32, saved for rmsnorm::bwd`):
@@ -24,6 +26,7 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod eval;
@@ -37,6 +40,7 @@ pub mod weights;
 pub use backend::{AttnDims, Backend, Dropout, FrozenWeight, LinearDims, LoraArgs, RopeDims};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use cpu::{CpuBackend, CpuFrozen};
+pub use cuda::{CudaBackend, CudaBuf, CudaFrozen};
 pub use error::{Result, TrainError};
 pub use eval::{
     evaluate, load_tokenizer, read_eval_jsonl, tokenize_records, EvalOptions, EvalRecord,
