@@ -29,6 +29,7 @@ pub mod error;
 pub mod eval;
 pub mod lora;
 pub mod model;
+pub mod plan;
 pub mod schedule;
 mod st;
 pub mod trainer;

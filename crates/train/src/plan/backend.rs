@@ -1,0 +1,416 @@
+//! [`PlanBackend`]: a dry-run [`Backend`] whose ops do no math. Its buffers hold no data: each
+//! is a length and, while recording, an offset in an [`ArenaPlanner`] (freed on drop), so
+//! running the real schedule on it yields the exact arena the schedule needs, with every
+//! buffer's role at the peak.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::arena::ArenaPlanner;
+use crate::backend::{AttnDims, Backend, FrozenWeight, LinearDims, LoraArgs, RopeDims};
+use crate::error::Result;
+
+/// Alignment of every arena buffer, bytes (cuBLASLt and vectorized kernels want ≥ 16; 256
+/// keeps each buffer on its own cache-line/sector boundary).
+pub const ARENA_ALIGN: usize = 256;
+
+/// What a buffer of the step arena is for (decided by the first op that writes it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Written by a forward op (incl. recompute): saved set, layer working set, layer inputs,
+    /// the rope table.
+    Activation,
+    /// Written first by a backward op: gradients of activations (`d_h`, the `Scratch` set).
+    Scratch,
+    /// The logits and log-sum-exp of the loss (what a chunked lm_head + CE keeps per chunk).
+    Loss,
+}
+
+/// How the backend being planned for lays out attention's save buffer
+/// ([`Backend::attention_saved_len`]), in elements of the compute dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnSave {
+    /// `CpuBackend`: the probabilities `(B, H, Tq, Tk)`.
+    Probabilities,
+    /// Flash-style (`cuda/attention.cu`): the log-sum-exp `(B, H, Tq)` in f32, stored in a
+    /// buffer of `elem_bytes`-byte elements (2 per row for bf16).
+    LogSumExpF32,
+}
+
+impl AttnSave {
+    /// Elements of `elem_bytes` each that attention saves for `dims`.
+    pub fn saved_len(self, dims: AttnDims, elem_bytes: usize) -> usize {
+        match self {
+            AttnSave::Probabilities => crate::cpu::attention::saved_len(dims),
+            AttnSave::LogSumExpF32 => (dims.b * dims.h * dims.tq * 4).div_ceil(elem_bytes),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    arena: ArenaPlanner,
+    recording: bool,
+    next_id: u64,
+    /// id → (offset, bytes) of the live arena buffers.
+    live: BTreeMap<u64, (usize, usize)>,
+    /// First writer's role, by buffer id (kept after the buffer is freed).
+    roles: HashMap<u64, Role>,
+    /// Ids and block sizes live when the live total reached its maximum.
+    peak: Vec<(u64, usize)>,
+    peak_phase: Phase,
+    phase: Phase,
+    allocations: usize,
+}
+
+/// Where in the step the schedule is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    #[default]
+    Forward,
+    /// After the cross-entropy forward, before any layer's backward.
+    Loss,
+    Backward,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Loss => "loss",
+            Phase::Backward => "backward",
+        }
+    }
+}
+
+/// A dry-run buffer: a length and, when allocated while recording, an arena offset.
+pub struct PlanBuf {
+    id: u64,
+    len: usize,
+    offset: Option<usize>,
+    state: Arc<Mutex<State>>,
+}
+
+impl PlanBuf {
+    /// Arena offset (bytes) when the buffer was allocated while recording and is not empty.
+    pub fn offset(&self) -> Option<usize> {
+        self.offset
+    }
+}
+
+impl Drop for PlanBuf {
+    fn drop(&mut self) {
+        if let Some(off) = self.offset {
+            let mut st = lock(&self.state);
+            st.arena.free(off);
+            st.live.remove(&self.id);
+        }
+    }
+}
+
+/// A frozen weight's shape; no data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanFrozen {
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+/// The dry-run backend. `elem_bytes` is the compute dtype's size (2 for bf16, 4 for f32).
+pub struct PlanBackend {
+    elem_bytes: usize,
+    attn: AttnSave,
+    state: Arc<Mutex<State>>,
+}
+
+fn lock(s: &Arc<Mutex<State>>) -> MutexGuard<'_, State> {
+    // A panic while the lock is held leaves the plain bookkeeping consistent enough to read.
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sizes and roles of the step arena after a recorded run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArenaReport {
+    /// Arena bytes the recorded sequence needs (offsets included).
+    pub high_water: usize,
+    /// Largest live total; `high_water − peak_live` is fragmentation.
+    pub peak_live: usize,
+    /// Bytes by role of the buffers live at `peak_live`.
+    pub activations: usize,
+    pub scratch: usize,
+    pub loss: usize,
+    pub peak_phase: Phase,
+    /// Buffers allocated in the arena.
+    pub allocations: usize,
+}
+
+impl PlanBackend {
+    pub fn new(elem_bytes: usize, attn: AttnSave) -> PlanBackend {
+        PlanBackend {
+            elem_bytes,
+            attn,
+            state: Arc::new(Mutex::new(State::default())),
+        }
+    }
+
+    /// From now on, buffers are placed in a fresh arena (before: resident, not planned).
+    pub fn start_recording(&self) {
+        let mut st = lock(&self.state);
+        *st = State {
+            recording: true,
+            next_id: st.next_id,
+            ..State::default()
+        };
+    }
+
+    /// Stop recording and report the arena.
+    pub fn finish(&self) -> ArenaReport {
+        let mut st = lock(&self.state);
+        st.recording = false;
+        let mut by = [0usize; 3];
+        for &(id, bytes) in &st.peak {
+            let i = match st.roles.get(&id).copied().unwrap_or(Role::Activation) {
+                Role::Activation => 0,
+                Role::Scratch => 1,
+                Role::Loss => 2,
+            };
+            by[i] += bytes;
+        }
+        ArenaReport {
+            high_water: st.arena.high_water(),
+            peak_live: st.arena.peak_live(),
+            activations: by[0],
+            scratch: by[1],
+            loss: by[2],
+            peak_phase: st.peak_phase,
+            allocations: st.allocations,
+        }
+    }
+
+    fn alloc(&self, len: usize) -> PlanBuf {
+        let mut st = lock(&self.state);
+        let id = st.next_id;
+        st.next_id += 1;
+        let offset = (st.recording && len > 0).then(|| {
+            let before = st.arena.peak_live();
+            let off = st.arena.alloc(len * self.elem_bytes, ARENA_ALIGN);
+            let size = st.arena.size_of(off).unwrap_or(0);
+            st.live.insert(id, (off, size));
+            st.allocations += 1;
+            if st.arena.peak_live() > before {
+                st.peak = st.live.iter().map(|(&i, &(_, b))| (i, b)).collect();
+                st.peak_phase = st.phase;
+            }
+            off
+        });
+        PlanBuf {
+            id,
+            len,
+            offset,
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// The first writer of `b` decides its role.
+    fn wrote(&self, b: &PlanBuf, role: Role) {
+        lock(&self.state).roles.entry(b.id).or_insert(role);
+    }
+    fn bwd(&self, outs: &[&PlanBuf]) {
+        let mut st = lock(&self.state);
+        st.phase = Phase::Backward;
+        for b in outs {
+            st.roles.entry(b.id).or_insert(Role::Scratch);
+        }
+    }
+}
+
+impl Backend for PlanBackend {
+    type Buf = PlanBuf;
+    type Frozen = PlanFrozen;
+
+    fn name(&self) -> String {
+        format!("plan ({}-byte elements)", self.elem_bytes)
+    }
+    fn zeros(&self, n: usize) -> PlanBuf {
+        self.alloc(n)
+    }
+    fn upload(&self, host: &[f32]) -> PlanBuf {
+        self.alloc(host.len())
+    }
+    /// A dry-run buffer holds no values: zeros of its length.
+    fn download(&self, buf: &PlanBuf) -> Vec<f32> {
+        vec![0.0; buf.len]
+    }
+    fn len(&self, buf: &PlanBuf) -> usize {
+        buf.len
+    }
+    fn frozen(&self, _name: &str, _w: FrozenWeight, out: usize, inp: usize) -> Result<PlanFrozen> {
+        Ok(PlanFrozen {
+            out_features: out,
+            in_features: inp,
+        })
+    }
+    /// A dry-run weight holds no values: zeros of its shape.
+    fn frozen_to_f32(&self, w: &PlanFrozen) -> Vec<f32> {
+        vec![0.0; w.out_features * w.in_features]
+    }
+    fn copy(&self, dst: &mut PlanBuf, _: usize, _: &PlanBuf, _: usize, _: usize) {
+        self.wrote(dst, Role::Activation);
+    }
+    fn zero(&self, dst: &mut PlanBuf) {
+        self.wrote(dst, Role::Activation);
+    }
+    fn add_acc(&self, dst: &mut PlanBuf, _: &PlanBuf) {
+        self.wrote(dst, Role::Activation);
+    }
+    fn embedding_fwd(&self, out: &mut PlanBuf, _: &[u32], _: &PlanBuf, _: usize, _: usize) {
+        self.wrote(out, Role::Activation);
+    }
+    fn embedding_bwd_acc(&self, d: &mut PlanBuf, _: usize, _: &[u32], _: &PlanBuf, _: usize) {
+        self.bwd(&[d]);
+    }
+    fn rmsnorm_fwd(
+        &self,
+        out: &mut PlanBuf,
+        rstd: &mut PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: usize,
+        _: f64,
+    ) {
+        self.wrote(out, Role::Activation);
+        self.wrote(rstd, Role::Activation);
+    }
+    fn rmsnorm_bwd(
+        &self,
+        d_x: &mut PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: usize,
+    ) {
+        self.bwd(&[d_x]);
+    }
+    fn rope_fwd(&self, x: &mut PlanBuf, _: &PlanBuf, _: RopeDims) {
+        self.wrote(x, Role::Activation);
+    }
+    fn rope_bwd(&self, d_x: &mut PlanBuf, _: &PlanBuf, _: RopeDims) {
+        self.bwd(&[d_x]);
+    }
+    fn attention_saved_len(&self, dims: AttnDims) -> usize {
+        self.attn.saved_len(dims, self.elem_bytes)
+    }
+    fn attention_fwd(
+        &self,
+        out: &mut PlanBuf,
+        saved: &mut PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: AttnDims,
+    ) {
+        self.wrote(out, Role::Activation);
+        self.wrote(saved, Role::Activation);
+    }
+    fn attention_bwd(
+        &self,
+        d_q: &mut PlanBuf,
+        d_k: &mut PlanBuf,
+        d_v: &mut PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: AttnDims,
+    ) {
+        self.bwd(&[d_q, d_k, d_v]);
+    }
+    fn swiglu_fwd(&self, out: &mut PlanBuf, _: &PlanBuf, _: &PlanBuf) {
+        self.wrote(out, Role::Activation);
+    }
+    fn swiglu_bwd(
+        &self,
+        d_gate: &mut PlanBuf,
+        d_up: &mut PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+    ) {
+        self.bwd(&[d_gate, d_up]);
+    }
+    fn nf4_lora_linear_fwd(
+        &self,
+        y: &mut PlanBuf,
+        u: Option<&mut PlanBuf>,
+        _: &PlanBuf,
+        _: &PlanFrozen,
+        _: Option<&PlanBuf>,
+        _: Option<(&PlanBuf, LoraArgs<'_>)>,
+        _: LinearDims,
+    ) {
+        self.wrote(y, Role::Activation);
+        if let Some(u) = u {
+            self.wrote(u, Role::Activation);
+        }
+    }
+    fn nf4_lora_linear_bwd(
+        &self,
+        d_x: Option<&mut PlanBuf>,
+        _: bool,
+        grads: Option<&mut PlanBuf>,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: Option<&PlanBuf>,
+        _: &PlanFrozen,
+        _: Option<(&PlanBuf, LoraArgs<'_>)>,
+        _: LinearDims,
+    ) {
+        let mut outs = Vec::new();
+        if let Some(d) = d_x.as_deref() {
+            outs.push(d);
+        }
+        if let Some(g) = grads.as_deref() {
+            outs.push(g);
+        }
+        self.bwd(&outs);
+    }
+    fn dense_linear_fwd(&self, y: &mut PlanBuf, _: &PlanBuf, _: &PlanBuf, _: usize, _: LinearDims) {
+        self.wrote(y, Role::Activation);
+    }
+    fn dense_linear_bwd(
+        &self,
+        d_x: &mut PlanBuf,
+        grads: &mut PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: &PlanBuf,
+        _: usize,
+        _: LinearDims,
+    ) {
+        self.bwd(&[d_x, grads]);
+    }
+    /// Marks `logits` and `lse` as the loss working set; returns a zero loss over the
+    /// non-ignored targets (the count is exact, the sum is not computed).
+    fn cross_entropy_fwd(
+        &self,
+        lse: &mut PlanBuf,
+        logits: &PlanBuf,
+        targets: &[i32],
+        _: usize,
+    ) -> (f64, usize) {
+        let mut st = lock(&self.state);
+        st.roles.insert(lse.id, Role::Loss);
+        st.roles.insert(logits.id, Role::Loss);
+        st.phase = Phase::Loss;
+        let count = targets
+            .iter()
+            .filter(|&&t| t != crate::cpu::cross_entropy::IGNORE_INDEX)
+            .count();
+        (0.0, count)
+    }
+    fn cross_entropy_bwd(&self, logits: &mut PlanBuf, _: &PlanBuf, _: &[i32], _: usize, _: f64) {
+        self.wrote(logits, Role::Loss);
+    }
+}
