@@ -125,6 +125,8 @@ fn cpu_checkpointed_plan_matches_hand_calculation() {
     assert_eq!(p.loss, al(N * e), "loss");
     assert_eq!(p.peak_phase, Phase::Backward);
     assert_eq!(p.activations + p.scratch + p.loss, 153_344);
+    // logits (N, V) f32 + lse (N,).
+    assert_eq!(p.loss_working_set, al(N * V * e) + al(N * e));
 }
 
 #[test]

@@ -2,6 +2,7 @@ pub mod dequantize;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod memory;
 pub mod merge;
 pub mod quantize;
 pub mod train;

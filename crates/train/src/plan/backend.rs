@@ -61,6 +61,8 @@ struct State {
     peak_phase: Phase,
     phase: Phase,
     allocations: usize,
+    /// Block size of every arena buffer ever allocated, by id.
+    sizes: HashMap<u64, usize>,
 }
 
 /// Where in the step the schedule is.
@@ -142,6 +144,9 @@ pub struct ArenaReport {
     pub peak_phase: Phase,
     /// Buffers allocated in the arena.
     pub allocations: usize,
+    /// Block bytes of every buffer with the loss role (the schedule's logits and lse, live
+    /// together), whether or not they are live at the peak.
+    pub loss_working_set: usize,
 }
 
 impl PlanBackend {
@@ -184,6 +189,12 @@ impl PlanBackend {
             loss: by[2],
             peak_phase: st.peak_phase,
             allocations: st.allocations,
+            loss_working_set: st
+                .roles
+                .iter()
+                .filter(|(_, &r)| r == Role::Loss)
+                .filter_map(|(id, _)| st.sizes.get(id))
+                .sum(),
         }
     }
 
@@ -196,6 +207,7 @@ impl PlanBackend {
             let off = st.arena.alloc(len * self.elem_bytes, ARENA_ALIGN);
             let size = st.arena.size_of(off).unwrap_or(0);
             st.live.insert(id, (off, size));
+            st.sizes.insert(id, size);
             st.allocations += 1;
             if st.arena.peak_live() > before {
                 st.peak = st.live.iter().map(|(&i, &(_, b))| (i, b)).collect();

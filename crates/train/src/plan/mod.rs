@@ -30,7 +30,8 @@ use crate::lora::{AdapterLayout, LoraConfig, Proj};
 use crate::model::{BaseFormat, Layer, Linear, Model};
 use crate::schedule::{forward_backward, Adapter, Batch, StepOptions};
 use crate::Backend;
-use qlora_optim::{AdamWConfig, ArenaLayout, StateLayout};
+pub use qlora_optim::{AdamWConfig, StateBits};
+use qlora_optim::{ArenaLayout, StateLayout};
 
 /// The CUDA context (driver state, the kernel images of `cuda/*.cu`, cuBLASLt's handle): device
 /// memory that `cudaMemGetInfo` counts and no allocation of ours owns. A stated constant, not
@@ -123,6 +124,9 @@ pub struct MemoryPlan {
     pub arena_high_water: u64,
     /// Where in the step the arena peaks.
     pub peak_phase: Phase,
+    /// Informational (inside the arena, not a line of its own): the loss's logits + lse, which
+    /// are live together before the peak.
+    pub loss_working_set: u64,
     /// CUDA: cuBLASLt workspace + the dequantize-to-scratch buffer of the non-fused linear path
     /// (the largest projection, out·in in the device dtype) + the LoRA `(N, R)` scratch.
     pub workspace: u64,
@@ -369,6 +373,7 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
         arena_fragmentation: arena.high_water as u64 - live,
         arena_high_water: arena.high_water as u64,
         peak_phase: arena.peak_phase,
+        loss_working_set: arena.loss_working_set as u64,
         workspace,
         cuda_context,
         total: 0,

@@ -74,7 +74,7 @@ pub fn shape(name: &str) -> Result<ModelConfig> {
         None => Err(TrainError::config(
             "--shape",
             name,
-            format!("unknown shape; known: {}", shape_names().join(", ")),
+            format!("is not a known shape (known: {})", shape_names().join(", ")),
         )),
     }
 }
