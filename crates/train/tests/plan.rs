@@ -235,3 +235,29 @@ fn llama3_70b_at_4096_plans_in_well_under_a_second() {
     // Checkpointing keeps 80 layer inputs of (4096, 8192) bf16 = 64 MiB each.
     assert!(p.activations >= 80 * (64 << 20));
 }
+
+#[test]
+fn dry_run_attention_save_matches_the_cpu_backend() {
+    use qlora_train::plan::{AttnSave, PlanBackend};
+    use qlora_train::{AttnDims, Backend, CpuBackend};
+    let dims = AttnDims {
+        b: 3,
+        tq: 5,
+        tk: 7,
+        kv_rows: 7,
+        h: 4,
+        hkv: 2,
+        d: 16,
+    };
+    let plan_be = PlanBackend::new(4, AttnSave::Probabilities);
+    assert_eq!(
+        plan_be.attention_saved_len(dims),
+        CpuBackend::<f32>::new().attention_saved_len(dims)
+    );
+}
+
+#[test]
+fn trainer_groups_add_up() {
+    let p = plan::plan(&request(PlanDevice::Cpu, DeviceDtype::F32, true)).unwrap();
+    assert_eq!(p.base_bytes() + p.adapter_bytes() + p.step_bytes(), p.total);
+}

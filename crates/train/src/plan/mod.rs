@@ -136,6 +136,18 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
+    /// The frozen base as held: NF4 codes + constants + unquantized weights.
+    pub fn base_bytes(&self) -> u64 {
+        self.nf4_codes + self.nf4_constants + self.dense_weights
+    }
+    /// Adapter parameters + gradients + optimizer state.
+    pub fn adapter_bytes(&self) -> u64 {
+        self.adapter_params + self.adapter_grads + self.optimizer_state
+    }
+    /// The step arena (activations, scratch, loss, fragmentation).
+    pub fn step_bytes(&self) -> u64 {
+        self.arena_high_water
+    }
     /// `(label, bytes)` of every line that adds up to `total`, in print order.
     pub fn lines(&self) -> Vec<(&'static str, u64)> {
         vec![
