@@ -32,6 +32,7 @@ enum Command {
     Merge(cmd::merge::Args),
     Generate(cmd::generate::Args),
     Memory(cmd::memory::Args),
+    Bench(cmd::bench::Args),
 }
 
 fn main() {
@@ -54,6 +55,7 @@ fn main() {
         Command::Merge(a) => cmd::merge::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Memory(a) => cmd::memory::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", report(&e));

@@ -22,6 +22,7 @@
 //! | N | rows of a linear op, = B·T |
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod data;

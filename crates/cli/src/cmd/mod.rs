@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod dequantize;
 pub mod eval;
 pub mod generate;

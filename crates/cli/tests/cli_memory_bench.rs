@@ -1,5 +1,6 @@
-//! `qlora memory` through the binary: the tiny model's plan against the hand calculation
-//! (derived line by line in crates/train/tests/plan.rs), the table, and clear errors.
+//! `qlora memory` and `qlora bench` through the binary: the tiny model's plan against the hand
+//! calculation (derived line by line in crates/train/tests/plan.rs), the table, a short CPU
+//! bench, and clear errors.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -134,6 +135,89 @@ fn bad_inputs_are_clear_errors() {
             "/nonexistent",
         ),
         (vec!["memory"], "--shape"),
+    ] {
+        let o = qlora(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn bench_runs_on_the_cpu_and_reports_json() {
+    let o = qlora(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--peak-tflops",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["tokens_per_step"], 32);
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["mfu"].as_f64().unwrap() > 0.0);
+    assert!(v["planned_peak_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(v["profile"].as_array().unwrap().len(), 10);
+    // The table form prints the headline, the profile and the memory line.
+    let o = qlora(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let s = stdout(&o);
+    for want in ["tokens/s", "profile", "linear", "optimizer", "peak memory"] {
+        assert!(s.contains(want), "{want} missing in\n{s}");
+    }
+}
+
+#[test]
+fn bench_bad_inputs_are_clear_errors() {
+    for (args, want) in [
+        (
+            vec!["bench", "--shape", "llama9", "--device", "cpu"],
+            "llama9",
+        ),
+        (
+            vec![
+                "bench", "--shape", "tiny", "--device", "cpu", "--steps", "0",
+            ],
+            "--steps",
+        ),
+        (
+            vec![
+                "bench",
+                "--shape",
+                "tiny",
+                "--device",
+                "cpu",
+                "--seq-len",
+                "0",
+            ],
+            "--seq-len",
+        ),
+        (vec!["bench", "--shape", "tiny", "--device", "npu"], "npu"),
     ] {
         let o = qlora(&args);
         let err = String::from_utf8_lossy(&o.stderr);
