@@ -568,10 +568,14 @@ fn invalid_config_values() {
     assert_clean_failure(&train_on(p, &d, &["--lr=-1"]), &["lr"]);
     assert_clean_failure(&train_on(p, &d, &["--lr-scheduler", "zigzag"]), &["zigzag"]);
     assert_clean_failure(&train_on(p, &d, &["--grad-accum", "0"]), &["grad_accum"]);
-    assert_clean_failure(
-        &train_on(p, &d, &["--device", "cuda"]),
-        &["GPU training is not available yet"],
-    );
+    if !gpu_usable() {
+        // Explicit cuda without a GPU: a clear error with the reason, exit 1, nothing trained.
+        assert_clean_failure(
+            &train_on(p, &d, &["--device", "cuda"]),
+            &["--device cuda", "no usable CUDA device ("],
+        );
+    }
+    assert_clean_failure(&train_on(p, &d, &["--device", "tpu"]), &["device", "tpu"]);
     let cfg = write(p, "c.toml", "lora_rank = 8\n");
     assert_clean_failure(
         &train_on(p, &d, &["--config", &cfg]),
@@ -680,4 +684,40 @@ fn packing_trains() {
         .path()
         .join("pk/adapter/adapter_model.safetensors")
         .is_file());
+}
+
+/// Whether this machine has a GPU the CUDA backend can open (the device tests below assert
+/// the behaviour of the machine they run on).
+fn gpu_usable() -> bool {
+    qlora_train::CudaBackend::new().is_ok()
+}
+
+#[test]
+fn device_auto_falls_back_to_the_cpu_with_one_notice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = assert_ok(&small_run(tmp.path(), "auto", &["--max-steps", "1"]));
+    if gpu_usable() {
+        assert!(t.contains("device     cuda-bf16"), "{t}");
+        assert!(!t.contains("training on the CPU"), "{t}");
+    } else {
+        let notices: Vec<&str> = t
+            .lines()
+            .filter(|l| l.contains("training on the CPU"))
+            .collect();
+        assert_eq!(notices.len(), 1, "one notice line: {t}");
+        assert!(
+            notices[0].starts_with("no usable CUDA device ("),
+            "the notice gives the reason: {t}"
+        );
+        assert!(t.contains("device     cpu"), "{t}");
+    }
+    assert!(t.contains("done: 1 steps"), "{t}");
+    // An explicit cpu never looks for a GPU.
+    let t = assert_ok(&small_run(
+        tmp.path(),
+        "cpu",
+        &["--max-steps", "1", "--device", "cpu"],
+    ));
+    assert!(!t.contains("no usable CUDA device"), "{t}");
+    assert!(t.contains("device     cpu"), "{t}");
 }

@@ -275,6 +275,27 @@ impl<'a, T: Elem> View<'a, T> {
     pub fn device_ptr(&self) -> u64 {
         self.ptr
     }
+    /// The same bytes as elements of `U` (`len·size_of::<T>() / size_of::<U>()` of them): a
+    /// buffer the caller packs with several dtypes, e.g. an f32 statistics block followed by
+    /// bf16 rows. Panics when the address or byte length is not a multiple of `U`'s size (a
+    /// programming error, not input).
+    pub fn cast<U: Elem>(self) -> View<'a, U> {
+        let (bytes, su) = (
+            self.len * std::mem::size_of::<T>(),
+            std::mem::size_of::<U>(),
+        );
+        assert!(
+            bytes.is_multiple_of(su) && self.ptr.is_multiple_of(su as u64),
+            "cast of {bytes} bytes at {:#x} to {}",
+            self.ptr,
+            U::SUFFIX
+        );
+        View {
+            ptr: self.ptr,
+            len: bytes / su,
+            _t: PhantomData,
+        }
+    }
     /// The null view (an absent optional input).
     pub fn null() -> View<'static, T> {
         View {
@@ -310,6 +331,59 @@ impl<'a, T: Elem> ViewMut<'a, T> {
             len: self.len,
             _t: PhantomData,
         }
+    }
+    /// The same bytes as elements of `U`, writable (see [`View::cast`]).
+    pub fn cast<U: Elem>(self) -> ViewMut<'a, U> {
+        let (bytes, su) = (
+            self.len * std::mem::size_of::<T>(),
+            std::mem::size_of::<U>(),
+        );
+        assert!(
+            bytes.is_multiple_of(su) && self.ptr.is_multiple_of(su as u64),
+            "cast of {bytes} bytes at {:#x} to {}",
+            self.ptr,
+            U::SUFFIX
+        );
+        ViewMut {
+            ptr: self.ptr,
+            len: bytes / su,
+            _t: PhantomData,
+        }
+    }
+    /// A writable and a read-only handle over the SAME elements, for launchers whose kernel
+    /// documents that its output may alias an input (rope `y`/`x`, rmsnorm `dx`/`dy`, …).
+    /// Only pass the pair to such a launcher.
+    pub fn in_place(&mut self) -> (ViewMut<'_, T>, View<'_, T>) {
+        (
+            ViewMut {
+                ptr: self.ptr,
+                len: self.len,
+                _t: PhantomData,
+            },
+            View {
+                ptr: self.ptr,
+                len: self.len,
+                _t: PhantomData,
+            },
+        )
+    }
+    /// Two disjoint writable halves `..mid` and `mid..` (e.g. the A and B gradients of one
+    /// LoRA slot in the gradient arena); panics when `mid > len` (a programming error).
+    pub fn split_at_mut(self, mid: usize) -> (ViewMut<'a, T>, ViewMut<'a, T>) {
+        assert!(mid <= self.len, "split at {mid} of {}", self.len);
+        let sz = std::mem::size_of::<T>() as u64;
+        (
+            ViewMut {
+                ptr: self.ptr,
+                len: mid,
+                _t: PhantomData,
+            },
+            ViewMut {
+                ptr: self.ptr + mid as u64 * sz,
+                len: self.len - mid,
+                _t: PhantomData,
+            },
+        )
     }
     /// Elements `start..start + len`, writable; panics when out of range (a programming error).
     pub fn slice_mut(&mut self, start: usize, len: usize) -> ViewMut<'_, T> {

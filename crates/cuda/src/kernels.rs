@@ -28,6 +28,7 @@ pub const SOURCES: &[KernelSource] = &[
     src!("adamw.cu"),
     src!("attention.cu"),
     src!("cross_entropy.cu"),
+    src!("elementwise.cu"),
     src!("embedding.cu"),
     src!("linear.cu"),
     src!("nf4.cu"),

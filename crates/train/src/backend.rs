@@ -84,6 +84,23 @@ pub trait Backend: Sync {
     fn zeros(&self, n: usize) -> Self::Buf;
     /// Host f32 → buffer (rounded to the compute dtype).
     fn upload(&self, host: &[f32]) -> Self::Buf;
+    /// A zero-filled buffer of `n` elements the backend keeps in f32 whatever its compute
+    /// dtype: the LoRA master weights' gradient arena, per-row statistics (`rmsnorm` rstd,
+    /// cross-entropy lse) and attention's saved buffer. Same as [`Backend::zeros`] for an f32
+    /// backend.
+    fn zeros_f32(&self, n: usize) -> Self::Buf {
+        self.zeros(n)
+    }
+    /// Host f32 → an f32 buffer (exact): the LoRA master weights (the adapter arena).
+    fn upload_f32(&self, host: &[f32]) -> Self::Buf {
+        self.upload(host)
+    }
+    /// The RoPE table for positions `0..positions` from the inverse frequencies `(D/2,)`
+    /// (llama3 scaling already applied), in whatever form [`Backend::rope_fwd`] reads: by
+    /// default the `(P, D)` cos/sin table of [`crate::cpu::rope::table_f32`].
+    fn rope_table(&self, inv_freq: &[f64], positions: usize) -> Self::Buf {
+        self.upload(&crate::cpu::rope::table_f32(inv_freq, positions))
+    }
     /// Buffer → host f32.
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn len(&self, buf: &Self::Buf) -> usize;

@@ -53,6 +53,13 @@ pub enum TrainError {
     /// Tokenizer load or encode failure.
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+    /// No GPU can be used (driver, libraries or device missing); the reason from qlora-cuda.
+    #[error("no usable CUDA device ({0})")]
+    NoDevice(String),
+    /// A device op failed (launch, allocation, a kernel's argument check, an unsupported
+    /// shape): the first such error since the last `Backend::synchronize`, naming the op.
+    #[error("CUDA backend, op {op}: {msg}")]
+    Device { op: String, msg: String },
     /// Eval data (JSONL) problem, with the line number (1-based).
     #[error("{path}:{line}: {msg}")]
     Data {

@@ -25,6 +25,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod eval;
@@ -39,6 +40,7 @@ pub mod weights;
 pub use backend::{AttnDims, Backend, Dropout, FrozenWeight, LinearDims, LoraArgs, RopeDims};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use cpu::{CpuBackend, CpuFrozen};
+pub use cuda::{CudaBackend, CudaBuf, CudaFrozen};
 pub use error::{Result, TrainError};
 pub use eval::{
     evaluate, load_tokenizer, read_eval_jsonl, tokenize_records, EvalOptions, EvalRecord,

@@ -5,7 +5,6 @@
 
 use crate::backend::{AttnDims, Backend, Dropout, LinearDims, LoraArgs, RopeDims};
 use crate::cpu::cross_entropy::IGNORE_INDEX;
-use crate::cpu::rope::table_f32;
 use crate::cpu::splitmix64;
 use crate::error::{Result, TrainError};
 use crate::lora::{AdapterLayout, AdapterWeights, LoraConfig, Proj, SavedModule};
@@ -28,8 +27,8 @@ impl<B: Backend> Adapter<B> {
         Adapter {
             config: w.config.clone(),
             layout: w.layout.clone(),
-            params: be.upload(&w.data),
-            grads: be.zeros(w.layout.numel),
+            params: be.upload_f32(&w.data),
+            grads: be.zeros_f32(w.layout.numel),
         }
     }
     /// Download the parameters as host adapter weights (for saving).
@@ -275,15 +274,15 @@ impl<B: Backend> LayerSaved<B> {
         LayerSaved {
             x_in: be.zeros(n * dm.c),
             xn1: be.zeros(n * dm.c),
-            rstd1: be.zeros(n),
+            rstd1: be.zeros_f32(n),
             q: be.zeros(n * dm.qd),
             k: be.zeros(n * dm.kvd),
             v: be.zeros(n * dm.kvd),
-            att: be.zeros(be.attention_saved_len(dm.attn)),
+            att: be.zeros_f32(be.attention_saved_len(dm.attn)),
             o: be.zeros(n * dm.qd),
             h_mid: be.zeros(n * dm.c),
             xn2: be.zeros(n * dm.c),
-            rstd2: be.zeros(n),
+            rstd2: be.zeros_f32(n),
             e: be.zeros(n * dm.i),
             g: be.zeros(n * dm.i),
             a: be.zeros(n * dm.i),
@@ -583,7 +582,7 @@ fn validate<B: Backend>(model: &Model<B>, ids: &[u32], labels: Option<&[i32]>) -
 }
 
 fn rope_table<B: Backend>(be: &B, model: &Model<B>, positions: usize) -> B::Buf {
-    be.upload(&table_f32(&model.config.rope_inv_freq(), positions))
+    be.rope_table(&model.config.rope_inv_freq(), positions)
 }
 
 fn embed<B: Backend>(
@@ -685,7 +684,7 @@ pub fn forward_backward<B: Backend>(
         }
     }
     let mut xf = be.zeros(n * c);
-    let mut rstdf = be.zeros(n);
+    let mut rstdf = be.zeros_f32(n);
     be.rmsnorm_fwd(
         &mut xf,
         &mut rstdf,
@@ -695,7 +694,7 @@ pub fn forward_backward<B: Backend>(
         model.config.rms_norm_eps,
     );
     let mut logits = lm_head_fwd(be, model, Some(adapter_ref), &xf, n);
-    let mut lse = be.zeros(n);
+    let mut lse = be.zeros_f32(n);
     let (sum, tokens) = be.cross_entropy_fwd(&mut lse, &logits, &targets, dm.v);
 
     // ---- backward
@@ -764,6 +763,9 @@ pub fn forward_backward<B: Backend>(
         be.embedding_bwd_acc(&mut grads, s.offset, &batch.input_ids, &d_h, c);
     }
     adapter.grads = grads;
+    // Device backends queue ops asynchronously and keep their first error sticky: this is
+    // where it becomes a typed error naming the op.
+    be.synchronize()?;
     Ok(LossStats { sum, tokens })
 }
 
@@ -782,7 +784,7 @@ pub fn forward_logits<B: Backend>(
     let h = forward_hidden(be, model, adapter, input_ids, b, t, cache)?;
     let (n, c) = (b * t, model.config.hidden_size);
     let mut xf = be.zeros(n * c);
-    let mut rstd = be.zeros(n);
+    let mut rstd = be.zeros_f32(n);
     be.rmsnorm_fwd(
         &mut xf,
         &mut rstd,
@@ -791,7 +793,9 @@ pub fn forward_logits<B: Backend>(
         c,
         model.config.rms_norm_eps,
     );
-    Ok(lm_head_fwd(be, model, adapter, &xf, n))
+    let logits = lm_head_fwd(be, model, adapter, &xf, n);
+    be.synchronize()?;
+    Ok(logits)
 }
 
 /// Hidden states `(B·T, C)` after the last layer (before the final norm).
@@ -860,12 +864,13 @@ pub fn forward_loss<B: Backend>(
 ) -> Result<LossStats> {
     validate(model, &batch.input_ids, Some(&batch.labels))?;
     let logits = forward_logits(be, model, adapter, &batch.input_ids, batch.b, batch.t, None)?;
-    let mut lse = be.zeros(batch.b * batch.t);
+    let mut lse = be.zeros_f32(batch.b * batch.t);
     let (sum, tokens) = be.cross_entropy_fwd(
         &mut lse,
         &logits,
         &batch.shifted_targets(),
         model.config.vocab_size,
     );
+    be.synchronize()?;
     Ok(LossStats { sum, tokens })
 }

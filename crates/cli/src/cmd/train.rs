@@ -1,6 +1,7 @@
 use anyhow::{bail, Context, Result};
 use qlora_train::data::TextMode;
-use qlora_train::trainer::{Event, Outcome, Summary, TrainConfig, Trainer};
+use qlora_train::trainer::{Event, Outcome, Summary, TrainBackend, TrainConfig, Trainer};
+use qlora_train::{CpuBackend, CudaBackend};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,8 @@ use crate::units::{human_bytes, human_count};
 const DEMO_TOML: &str = include_str!("../../../../examples/tiny-demo.toml");
 const DEMO_DATA: &[u8] = include_bytes!("../../../train/assets/demo/train.jsonl");
 
-/// Fine-tune a LoRA adapter (QLoRA: on an NF4 4-bit base) on the CPU; no arguments: the demo.
+/// Fine-tune a LoRA adapter (QLoRA: on an NF4 4-bit base) on the GPU or the CPU; no arguments:
+/// the demo.
 ///
 /// Settings come from a TOML file (--config) whose keys are the flags' names with `_`
 /// (`--lora-r 16` ⇄ `lora_r = 16`); a flag given on the command line wins over the file.
@@ -54,7 +56,8 @@ pub struct Args {
     /// Frozen base: nf4 (QLoRA, quantized on load) or dense [default: nf4].
     #[arg(long)]
     pub base: Option<String>,
-    /// cpu, or cuda (not available yet: refused with a message) [default: cpu].
+    /// cuda, cpu, or auto: the GPU when one is usable, else the CPU with a one-line notice
+    /// [default: auto].
     #[arg(long)]
     pub device: Option<String>,
 
@@ -95,9 +98,15 @@ pub struct Args {
     /// Global gradient-norm clip, 0 = off [default: 0.3].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
-    /// adamw (32-bit state) or adamw_8bit [default: adamw].
+    /// adamw (32-bit state) or adamw_8bit; paged_adamw_32bit / paged_adamw_8bit keep the
+    /// state in CUDA managed memory, paged per --paging [default: adamw].
     #[arg(long)]
     pub optim: Option<String>,
+    /// When a paged optimizer's state goes back to host memory after a step: always, never,
+    /// or above:N[K|M|G] (when the next step needs more than N bytes beyond the free memory)
+    /// [default: above:0].
+    #[arg(long)]
+    pub paging: Option<String>,
     /// constant, linear or cosine, each after a linear warmup [default: constant].
     #[arg(long)]
     pub lr_scheduler: Option<String>,
@@ -201,7 +210,7 @@ impl Args {
         apply!(self, c;
             output_dir, base, device, lora_r, lora_alpha, lora_dropout, target_modules,
             modules_to_save, use_rslora, lr, weight_decay, adam_beta1, adam_beta2, adam_eps,
-            max_grad_norm, optim, lr_scheduler, warmup_steps, warmup_ratio, max_steps, epochs,
+            max_grad_norm, optim, paging, lr_scheduler, warmup_steps, warmup_ratio, max_steps, epochs,
             grad_accum, eval_every, save_every, save_total_limit, seed, gradient_checkpointing,
             max_seq_len, batch_size, train_on_inputs, append_eos, strict, packing, shuffle,
             eval_fraction, eval_count, pad_to_max_seq_len, drop_last;
@@ -248,6 +257,7 @@ fn demo_config() -> Result<TrainConfig> {
 
 fn print_summary(s: &Summary, c: &TrainConfig) {
     let m = &s.model;
+    println!("device     {}", s.device);
     println!("model      {}", s.model_dir.display());
     println!(
         "           {:?}: {} layers, hidden {}, {} heads ({} kv), MLP {}, vocab {}, max positions {}",
@@ -288,11 +298,16 @@ fn print_summary(s: &Summary, c: &TrainConfig) {
         ),
     }
     println!(
-        "memory     predicted peak {}: base {} (f32 compute copy on the CPU{}), adapter + grads + \
-         optimizer {}, activations of one {}×{} micro-batch {}",
+        "memory     predicted peak {}: base {} ({}), adapter + grads + optimizer {}, \
+         activations of one {}×{} micro-batch {}",
         human_bytes(s.memory.total() as u64),
         human_bytes(s.memory.base as u64),
-        if s.nf4_base { " + NF4 codes" } else { "" },
+        match (s.device.starts_with("cpu"), s.nf4_base) {
+            (true, true) => "f32 compute copy on the CPU + NF4 codes",
+            (true, false) => "f32 compute copy on the CPU",
+            (false, true) => "NF4 codes + bf16 embeddings, norms and lm_head on the GPU",
+            (false, false) => "bf16 on the GPU",
+        },
         human_bytes(s.memory.adapter as u64),
         c.batch_size,
         trainer_seq_len(c, s),
@@ -338,37 +353,78 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("\nCtrl-C: writing a checkpoint after this step…");
         });
     }
-    let mut trainer = if let Some(dir) = &a.resume {
-        let dir = &qlora_train::trainer::resolve_checkpoint(dir)?;
-        let mut err = None;
-        let t = Trainer::resume(dir, |c| {
-            if let Err(e) = a.apply(c) {
-                err = Some(e);
-            }
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
-        let t = t?;
-        println!("resuming {} at step {}", dir.display(), t.step);
-        t
-    } else {
-        let mut c = if a.is_empty() {
-            demo_config()?
-        } else if let Some(p) = &a.config {
-            read_config(p)?
-        } else {
-            TrainConfig::default()
+    if let Some(dir) = &a.resume {
+        let dir = qlora_train::trainer::resolve_checkpoint(dir)?;
+        // The device is decided from the stored config with this command's flags applied.
+        let mut probe = qlora_train::trainer::load_state(&dir)?.config;
+        a.apply(&mut probe)?;
+        return match choose_device(&probe)? {
+            Chosen::Cuda(be) => drive(resume_on(be, &a, &dir)?, &stop),
+            Chosen::Cpu => drive(resume_on(CpuBackend::new(), &a, &dir)?, &stop),
         };
-        a.apply(&mut c)?;
-        if c.model.is_none() {
-            bail!("no model: pass --model DIR or `model = \"…\"` in --config (or no arguments at all for the demo)");
-        }
-        if c.data.is_none() {
-            bail!("no training data: pass --data FILE or `data = \"…\"` in --config");
-        }
-        Trainer::new(c)?
+    }
+    let mut c = if a.is_empty() {
+        demo_config()?
+    } else if let Some(p) = &a.config {
+        read_config(p)?
+    } else {
+        TrainConfig::default()
     };
+    a.apply(&mut c)?;
+    if c.model.is_none() {
+        bail!("no model: pass --model DIR or `model = \"…\"` in --config (or no arguments at all for the demo)");
+    }
+    if c.data.is_none() {
+        bail!("no training data: pass --data FILE or `data = \"…\"` in --config");
+    }
+    match choose_device(&c)? {
+        Chosen::Cuda(be) => drive(Trainer::new_on(be, c)?, &stop),
+        Chosen::Cpu => drive(Trainer::new_on(CpuBackend::new(), c)?, &stop),
+    }
+}
+
+/// Where `qlora train` runs.
+enum Chosen {
+    Cuda(CudaBackend),
+    Cpu,
+}
+
+/// The `device` key: `cuda` opens the GPU or fails with the reason; `cpu` is the CPU; `auto`
+/// opens the GPU when one is usable and otherwise says why in one line and uses the CPU.
+fn choose_device(c: &TrainConfig) -> Result<Chosen> {
+    Ok(match c.device_choice()? {
+        Some(false) => Chosen::Cpu,
+        Some(true) => {
+            Chosen::Cuda(CudaBackend::new().map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?)
+        }
+        None => match CudaBackend::new() {
+            Ok(be) => Chosen::Cuda(be),
+            Err(e) => {
+                eprintln!("{e}; training on the CPU");
+                Chosen::Cpu
+            }
+        },
+    })
+}
+
+/// `Trainer::resume_on` with this command's flags applied to the stored config.
+fn resume_on<B: TrainBackend>(be: B, a: &Args, dir: &Path) -> Result<Trainer<B>> {
+    let mut err = None;
+    let t = Trainer::resume_on(be, dir, |c| {
+        if let Err(e) = a.apply(c) {
+            err = Some(e);
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let t = t?;
+    println!("resuming {} at step {}", dir.display(), t.step);
+    Ok(t)
+}
+
+/// Runs the loop with progress lines and the end-of-run report.
+fn drive<B: TrainBackend>(mut trainer: Trainer<B>, stop: &AtomicBool) -> Result<()> {
     print_summary(trainer.summary(), &trainer.config);
     let total = trainer.total_steps;
     let start_step = trainer.step;
@@ -413,7 +469,7 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("checkpoint {}", p.display());
         }
     };
-    let outcome = trainer.run(None, &stop, &mut on_event)?;
+    let outcome = trainer.run(None, stop, &mut on_event)?;
     let out = trainer.config.output_dir.clone();
     let secs = t0.elapsed().as_secs_f64();
     match outcome {

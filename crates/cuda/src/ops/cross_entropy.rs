@@ -25,6 +25,67 @@ pub fn chunks(rows: usize, chunk: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Row-wise forward over materialised logits: `loss (rows,) f32` per row (0 for an ignored
+/// row: label < 0 or ≥ V), saved `lse (rows,) f32`; `logits (rows, V) T`, `labels (rows,) i32`.
+pub fn fwd<T: Elem>(
+    dev: &Device,
+    loss: &mut ViewMut<'_, f32>,
+    lse: &mut ViewMut<'_, f32>,
+    logits: &View<'_, T>,
+    labels: &View<'_, i32>,
+    v: usize,
+) -> Result<()> {
+    const OP: &str = "cross_entropy::fwd";
+    check_float::<T>(OP)?;
+    let rows = labels.len();
+    check_len_mut(OP, "loss", loss, rows)?;
+    check_len_mut(OP, "lse", lse, rows)?;
+    check_len(OP, "logits", logits, rows * v)?;
+    let args = Args::new()
+        .ptr_mut(loss)
+        .ptr_mut(lse)
+        .ptr(logits)
+        .ptr(labels)
+        .arg(dim_i32(OP, "V", v)?);
+    dev.launch(
+        FILE,
+        &entry::<T>("qlr_cross_entropy_fwd"),
+        geometry(rows),
+        args,
+        None,
+    )
+}
+
+/// Row-wise backward IN PLACE over the logits: `z (rows, V) T` becomes
+/// `grad_scale·(softmax(z) − onehot(label))`, 0 on ignored rows; `lse` from [`fwd`].
+pub fn bwd<T: Elem>(
+    dev: &Device,
+    logits: &mut ViewMut<'_, T>,
+    lse: &View<'_, f32>,
+    labels: &View<'_, i32>,
+    v: usize,
+    grad_scale: f32,
+) -> Result<()> {
+    const OP: &str = "cross_entropy::bwd";
+    check_float::<T>(OP)?;
+    let rows = labels.len();
+    check_len_mut(OP, "logits", logits, rows * v)?;
+    check_len(OP, "lse", lse, rows)?;
+    let args = Args::new()
+        .ptr_mut(logits)
+        .ptr(lse)
+        .ptr(labels)
+        .arg(dim_i32(OP, "V", v)?)
+        .arg(grad_scale);
+    dev.launch(
+        FILE,
+        &entry::<T>("qlr_cross_entropy_bwd"),
+        geometry(rows),
+        args,
+        None,
+    )
+}
+
 /// Loss and gradient in one pass over the chunks (the gradient is taken inside the forward, as
 /// Unsloth's fused loss does). Outputs: `loss` (rows,) f32 per-row loss (0 for ignored rows),
 /// `dh` (rows, C) T = ∂(grad_scale·Σ loss)/∂h; scratch: `logits` (chunk·V) T and `lse`

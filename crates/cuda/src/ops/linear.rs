@@ -110,9 +110,11 @@ fn check_dims<T: Elem>(op: &str, w: &Nf4Weight, d: &LinearDims) -> Result<()> {
     Ok(())
 }
 
-/// `out (m, r) = scale · a (m, kk) · Bop` with Bop element (k, j) at `b[k·sbk + j·sbj]`.
+/// `out (m, r) = scale · a (m, kk) · Bop` with Bop element (k, j) at `b[k·sbk + j·sbj]`
+/// (r ≤ [`MAX_RANK`]); the LoRA down-projections `S·x·Aᵀ` (sbk 1, sbj K) and `S·dy·B` (sbk R,
+/// sbj 1).
 #[allow(clippy::too_many_arguments)]
-fn lora_proj<T: Elem>(
+pub fn lora_proj<T: Elem>(
     dev: &Device,
     out: &mut ViewMut<'_, T>,
     a: &View<'_, T>,
@@ -144,9 +146,10 @@ fn lora_proj<T: Elem>(
     )
 }
 
-/// `c (p, q) += lᵀ · rr` with l (m, p), rr (m, q).
+/// `c (p, q) f32 += lᵀ · rr` with l (m, p), rr (m, q) T, any p and q (64×64 tiles, f32
+/// atomics over the split m reduction): the LoRA and dense weight gradients.
 #[allow(clippy::too_many_arguments)]
-fn lora_grad<T: Elem>(
+pub fn lora_grad<T: Elem>(
     dev: &Device,
     c: &mut ViewMut<'_, f32>,
     l: &View<'_, T>,

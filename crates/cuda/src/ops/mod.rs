@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod elementwise;
 pub mod embedding;
 pub mod linear;
 pub mod nf4;

@@ -36,7 +36,7 @@ pub struct TrainConfig {
     /// How the frozen base is held: `nf4` (QLoRA: quantized on load) or `dense` (plain LoRA).
     /// A bitsandbytes 4-bit checkpoint is always NF4.
     pub base: String,
-    /// `cpu` (the only one implemented) or `cuda`.
+    /// `auto` (the GPU when one is usable, else the CPU with a notice), `cuda` or `cpu`.
     pub device: String,
 
     // ---- LoRA
@@ -59,8 +59,14 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// Global gradient-norm clip; 0 turns clipping off.
     pub max_grad_norm: f64,
-    /// `adamw` (32-bit state) or `adamw_8bit` (bitsandbytes blockwise 8-bit state).
+    /// `adamw` (32-bit state) or `adamw_8bit` (bitsandbytes blockwise 8-bit state); the
+    /// `paged_` forms keep the state in CUDA managed memory, paged per `paging` (on the CPU
+    /// they are the plain ones).
     pub optim: String,
+    /// When a paged optimizer's state goes back to host memory after a step: `always`,
+    /// `never`, or `above:N[K|M|G]` (when the next forward/backward needs more than N bytes
+    /// beyond what is free with the state resident).
+    pub paging: String,
     /// `constant`, `linear` or `cosine` (each after a linear warmup).
     pub lr_scheduler: String,
     /// Warmup steps; when 0, `warmup_ratio · total steps`.
@@ -112,7 +118,7 @@ impl Default for TrainConfig {
             eval_data: None,
             output_dir: PathBuf::from("runs/qlora"),
             base: "nf4".into(),
-            device: "cpu".into(),
+            device: "auto".into(),
             lora_r: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.05,
@@ -127,6 +133,7 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             max_grad_norm: 0.3,
             optim: "adamw".into(),
+            paging: "above:0".into(),
             lr_scheduler: "constant".into(),
             warmup_steps: 0,
             warmup_ratio: 0.03,
@@ -169,22 +176,8 @@ fn finite_in(key: &str, v: f64, lo: f64, hi: f64, incl_hi: bool) -> Result<()> {
 impl TrainConfig {
     /// Checks every value on its own (the model-dependent checks happen at load).
     pub fn validate(&self) -> Result<()> {
-        match self.device.as_str() {
-            "cpu" => {}
-            "cuda" | "gpu" => {
-                return Err(TrainerError::Unsupported(
-                    "--device cuda: GPU training is not available yet (the CUDA backend is not \
-                     wired into the trainer); use --device cpu"
-                        .into(),
-                ))
-            }
-            other => {
-                return Err(TrainerError::config(
-                    "device",
-                    format!("`{other}` (expected cpu or cuda)"),
-                ))
-            }
-        }
+        self.device_choice()?;
+        self.paging_policy()?;
         self.base_format()?;
         if self.lora_r == 0 {
             return Err(TrainerError::config("lora_r", "0 (must be at least 1)"));
@@ -272,6 +265,24 @@ impl TrainConfig {
             modules_to_save,
             base_model_name_or_path: self.model.as_ref().map(|p| p.display().to_string()),
         })
+    }
+
+    /// The `device` key: `Some(true)` = cuda, `Some(false)` = cpu, `None` = auto.
+    pub fn device_choice(&self) -> Result<Option<bool>> {
+        match self.device.as_str() {
+            "auto" => Ok(None),
+            "cpu" => Ok(Some(false)),
+            "cuda" | "gpu" => Ok(Some(true)),
+            other => Err(TrainerError::config(
+                "device",
+                format!("`{other}` (expected auto, cuda or cpu)"),
+            )),
+        }
+    }
+
+    /// The `paging` key as the optimizer's policy.
+    pub fn paging_policy(&self) -> Result<qlora_optim::PagingPolicy> {
+        Ok(qlora_optim::PagingPolicy::parse(&self.paging)?)
     }
 
     /// The optimizer's settings.

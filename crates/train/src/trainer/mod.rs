@@ -20,6 +20,7 @@
 //! seeds each micro-batch's LoRA-dropout masks. A checkpoint stores both, the adapter, the
 //! optimizer state and the step, so a resumed run takes bit-identical steps.
 
+mod backend;
 mod checkpoint;
 mod config;
 mod error;
@@ -29,6 +30,7 @@ mod metrics;
 pub mod plot;
 mod run;
 
+pub use backend::{CudaOptimizer, TrainBackend};
 pub use checkpoint::{load_state, resolve_checkpoint, CheckpointState, CHECKPOINT_PREFIX};
 pub use config::{TrainConfig, ALL_LINEAR, DEFAULT_MAX_SEQ_LEN};
 pub use error::{NonFinite, Result, TrainerError};

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::backend::TrainBackend;
 use super::checkpoint::{
     load_state, publish_dir, staging_dir, CheckpointState, CHECKPOINT_PREFIX, FORMAT_VERSION,
     OPTIMIZER_FILE, STATE_FILE,
@@ -48,6 +49,8 @@ pub enum Outcome {
 /// What the run is about to do, for the start-of-run summary.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// The backend it runs on (`Backend::name`, e.g. `cuda-bf16 (NVIDIA H100 80GB HBM3)`).
+    pub device: String,
     pub model_dir: PathBuf,
     pub model: ModelConfig,
     /// PEFT's parameter count (trainable = the adapter arena).
@@ -73,12 +76,13 @@ pub struct Summary {
     pub adapter_from: Option<PathBuf>,
 }
 
-/// Predicted memory of a CPU training run, in bytes, from the same buffer shapes the schedule
-/// allocates (a micro-batch of `batch_size × max_seq_len`, the worst case).
+/// Predicted memory of a training run, in bytes, from the same buffer shapes the schedule
+/// allocates (a micro-batch of `batch_size × max_seq_len`, the worst case), as the backend
+/// holds them ([`TrainBackend::memory_estimate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryEstimate {
-    /// Frozen base as held: the CPU backend keeps an f32 compute copy of every projection
-    /// beside its NF4 codes, plus f32 embeddings, norms and lm_head.
+    /// Frozen base as held (the CPU keeps an f32 compute copy of every projection beside its
+    /// NF4 codes; CUDA the NF4 codes and bf16 dense weights).
     pub base: usize,
     /// Adapter parameters + gradients + optimizer state.
     pub adapter: usize,
@@ -92,73 +96,15 @@ impl MemoryEstimate {
     }
 }
 
-fn estimate_memory(
-    be: &CpuBackend,
-    model: &Model<CpuBackend>,
-    adapter: &Adapter<CpuBackend>,
-    opt: &AdamW,
-    data: &DataConfig,
-    checkpointing: bool,
-) -> MemoryEstimate {
-    let c = &model.config;
-    let f = std::mem::size_of::<f32>();
-    let mut base = (2 * c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size) * f;
-    for p in model.layers.iter().flat_map(|l| &l.proj) {
-        base += p.w.w.len() * f
-            + p.w
-                .nf4
-                .as_ref()
-                .map_or(0, |t| t.packed.len() + t.state.constant_bytes());
-    }
-    let (b, t) = (data.batch_size, data.max_seq_len);
-    let n = b * t;
-    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    let att = be.attention_saved_len(crate::AttnDims {
-        b,
-        tq: t,
-        tk: t,
-        kv_rows: t,
-        h: c.num_heads,
-        hkv: c.num_kv_heads,
-        d: c.head_dim,
-    });
-    let r_sum = |l: usize| -> usize {
-        crate::lora::Proj::ALL
-            .iter()
-            .filter_map(|&p| adapter.layout.slot(l, p))
-            .map(|s| s.r)
-            .sum()
-    };
-    // One layer's save set (schedule::LayerSaved): 4 (N, C), 2 (N, H·D), 2 (N, Hkv·D),
-    // 3 (N, I), 2 (N,) and the LoRA u's, plus attention's saved buffer.
-    let layer = |l: usize| {
-        n * (4 * c.hidden_size + 2 * qd + 2 * kvd + 3 * c.intermediate_size + 2 + r_sum(l)) + att
-    };
-    let saved: usize = if checkpointing {
-        // Layer inputs only, plus one recomputed layer at a time.
-        c.num_layers * n * c.hidden_size + (0..c.num_layers).map(layer).max().unwrap_or(0)
-    } else {
-        (0..c.num_layers).map(layer).sum()
-    };
-    // Backward scratch (3 (N, I), 2 (N, C), 2 (N, H·D), 2 (N, Hkv·D)), the final norm's
-    // buffers, and logits (N, V) (their gradient is formed in place).
-    let scratch = n * (3 * c.intermediate_size + 5 * c.hidden_size + 2 * qd + 2 * kvd + 2);
-    let logits = n * c.vocab_size;
-    MemoryEstimate {
-        base,
-        adapter: 2 * adapter.layout.numel * f + opt.state_bytes(),
-        activations: (saved + scratch + logits) * f,
-    }
-}
-
-/// A training run on the CPU backend.
-pub struct Trainer {
+/// A training run on backend `B` (the CPU by default; [`crate::CudaBackend`] on a GPU): the
+/// same loop, schedule and data order on both.
+pub struct Trainer<B: TrainBackend = CpuBackend> {
     pub config: TrainConfig,
     pub data_config: DataConfig,
-    be: CpuBackend,
-    pub model: Model<CpuBackend>,
-    pub adapter: Adapter<CpuBackend>,
-    opt: AdamW,
+    be: B,
+    pub model: Model<B>,
+    pub adapter: Adapter<B>,
+    opt: B::Optimizer,
     schedule: LrSchedule,
     train: Arc<Dataset>,
     eval: Option<Vec<data::Batch>>,
@@ -173,30 +119,38 @@ pub struct Trainer {
     last_checkpoint: Option<PathBuf>,
 }
 
-fn nf4_bytes(model: &Model<CpuBackend>) -> usize {
-    model
-        .layers
-        .iter()
-        .flat_map(|l| &l.proj)
-        .filter_map(|p| p.w.nf4.as_ref())
-        .map(|t| t.packed.len() + t.state.constant_bytes())
-        .sum()
-}
-
-impl Trainer {
-    /// Loads model, tokenizer, data and a fresh (or `init_adapter`) adapter.
+impl Trainer<CpuBackend> {
+    /// Loads model, tokenizer, data and a fresh (or `init_adapter`) adapter, on the CPU.
     pub fn new(config: TrainConfig) -> Result<Trainer> {
-        Trainer::build(config, None)
+        Trainer::new_on(CpuBackend::<f32>::new(), config)
     }
 
-    /// Continues the run saved in checkpoint `dir`; `adjust` may change the stored config
-    /// (the CLI applies its flags, e.g. a larger `max_steps`). Data, model and LoRA settings
-    /// must stay the same: the data position is refused on other data.
+    /// Continues the run saved in checkpoint `dir` on the CPU (see [`Trainer::resume_on`]).
     pub fn resume(dir: &Path, adjust: impl FnOnce(&mut TrainConfig)) -> Result<Trainer> {
+        Trainer::resume_on(CpuBackend::<f32>::new(), dir, adjust)
+    }
+}
+
+impl<B: TrainBackend> Trainer<B> {
+    /// Loads model, tokenizer, data and a fresh (or `init_adapter`) adapter onto `be` (the
+    /// config's `device` key is the caller's to resolve: this runs where `be` is).
+    pub fn new_on(be: B, config: TrainConfig) -> Result<Trainer<B>> {
+        Trainer::build(be, config, None)
+    }
+
+    /// Continues the run saved in checkpoint `dir` on `be`; `adjust` may change the stored
+    /// config (the CLI applies its flags, e.g. a larger `max_steps`). Data, model and LoRA
+    /// settings must stay the same: the data position is refused on other data. The optimizer
+    /// state file is the same on every backend, so a run may continue on another device.
+    pub fn resume_on(
+        be: B,
+        dir: &Path,
+        adjust: impl FnOnce(&mut TrainConfig),
+    ) -> Result<Trainer<B>> {
         let st = load_state(dir)?;
         let mut config = st.config.clone();
         adjust(&mut config);
-        let mut t = Trainer::build(config, Some(dir))?;
+        let mut t = Trainer::build(be, config, Some(dir))?;
         if t.data_config != st.data_config {
             return Err(TrainerError::Checkpoint {
                 path: dir.to_path_buf(),
@@ -206,14 +160,16 @@ impl Trainer {
             });
         }
         let layout = arena_layout(&t.adapter)?;
-        t.opt = AdamW::load(&dir.join(OPTIMIZER_FILE), layout, t.config.adamw_config()?)?;
-        if t.opt.steps() != st.step {
+        let host = AdamW::load(&dir.join(OPTIMIZER_FILE), layout, t.config.adamw_config()?)?;
+        let need = t.summary.memory.activations as u64;
+        t.opt = t.be.optimizer(host, &t.config, need)?;
+        let opt_steps = B::optimizer_host(&t.opt).steps();
+        if opt_steps != st.step {
             return Err(TrainerError::Checkpoint {
                 path: dir.to_path_buf(),
                 msg: format!(
                     "optimizer.bin has taken {} steps but trainer_state.json says {}",
-                    t.opt.steps(),
-                    st.step
+                    opt_steps, st.step
                 ),
             });
         }
@@ -231,7 +187,7 @@ impl Trainer {
         Ok(t)
     }
 
-    fn build(config: TrainConfig, checkpoint: Option<&Path>) -> Result<Trainer> {
+    fn build(be: B, config: TrainConfig, checkpoint: Option<&Path>) -> Result<Trainer<B>> {
         config.validate()?;
         let model_dir = config
             .model
@@ -241,8 +197,9 @@ impl Trainer {
             .data
             .clone()
             .ok_or_else(|| TrainerError::config("data", "no training data file given"))?;
-        let be = CpuBackend::<f32>::new();
         let model = Model::load(&be, &model_dir, config.base_format()?)?;
+        // Device backends queue the uploads: a failed one is reported here, by name.
+        be.synchronize()?;
         let tok_dir = config
             .tokenizer
             .clone()
@@ -280,7 +237,8 @@ impl Trainer {
             }
         };
         let adapter = Adapter::new(&be, &weights);
-        let opt = AdamW::new(arena_layout(&adapter)?, config.adamw_config()?)?;
+        be.synchronize()?;
+        let host_opt = AdamW::new(arena_layout(&adapter)?, config.adamw_config()?)?;
         let batcher = data::Batcher::new(&train, &data_config)?;
         let bpe = batcher.batches_per_epoch();
         if bpe == 0 {
@@ -301,22 +259,24 @@ impl Trainer {
                 .max(1.0) as u64
         };
         let schedule = config.schedule(total_steps)?;
-        let memory = estimate_memory(
-            &be,
+        let memory = be.memory_estimate(
             &model,
             &adapter,
-            &opt,
+            host_opt.state_bytes(),
             &data_config,
             config.gradient_checkpointing,
         );
+        let optimizer_bytes = host_opt.state_bytes();
+        let opt = be.optimizer(host_opt, &config, memory.activations as u64)?;
         let summary = Summary {
+            device: be.name(),
             memory,
             model_dir,
             params: ParamReport::new(&model.config, &adapter.layout, model.nf4_base),
-            nf4_bytes: nf4_bytes(&model),
+            nf4_bytes: be.nf4_bytes(&model),
             nf4_base: model.nf4_base,
             adapter_bytes: 8 * adapter.layout.numel,
-            optimizer_bytes: opt.state_bytes(),
+            optimizer_bytes,
             train_examples: train.len(),
             train_tokens: train.n_tokens(),
             train_label_tokens: train.n_label_tokens(),
@@ -348,6 +308,11 @@ impl Trainer {
             last_checkpoint: None,
             config,
         })
+    }
+
+    /// The backend the run is on.
+    pub fn backend(&self) -> &B {
+        &self.be
     }
 
     /// The start-of-run facts.
@@ -474,19 +439,23 @@ impl Trainer {
             if !st.sum.is_finite() {
                 return Err(non_finite("the loss", format!("{}", st.sum)));
             }
-            if let Some(g) = self.adapter.grads.iter().find(|g| !g.is_finite()) {
+            if let Some(g) = self.be.first_non_finite(&self.adapter.grads)? {
                 return Err(non_finite("a gradient", format!("{g}")));
             }
             loss_sum += st.sum;
         }
-        debug_assert_eq!(self.opt.steps(), self.step);
-        let lr = self.schedule.lr(self.config.lr, self.opt.steps());
-        let rep = self
-            .opt
-            .step(&mut self.adapter.params, &self.adapter.grads, lr)?;
+        let opt_steps = B::optimizer_host(&self.opt).steps();
+        debug_assert_eq!(opt_steps, self.step);
+        let lr = self.schedule.lr(self.config.lr, opt_steps);
+        let rep = self.be.optimizer_step(
+            &mut self.opt,
+            &mut self.adapter.params,
+            &self.adapter.grads,
+            lr,
+        )?;
         let grad_norm = match rep.grad_norm {
             Some(n) => n,
-            None => self.opt.grad_norm(&self.adapter.grads)?,
+            None => self.be.grad_norm(&self.opt, &self.adapter.grads)?,
         };
         self.step = step;
         self.pos = data::Batcher::position(batcher);
@@ -540,7 +509,8 @@ impl Trainer {
             .join(format!("{CHECKPOINT_PREFIX}{}", self.step));
         let tmp = staging_dir(&dst)?;
         self.adapter_weights().save(&tmp)?;
-        self.opt.save(&tmp.join(OPTIMIZER_FILE))?;
+        self.be
+            .save_optimizer(&mut self.opt, &tmp.join(OPTIMIZER_FILE))?;
         let st = CheckpointState {
             format_version: FORMAT_VERSION,
             step: self.step,
@@ -649,7 +619,7 @@ pub fn to_schedule_batch(b: &data::Batch, pad_id: u32) -> Result<schedule::Batch
     Ok(schedule::Batch::new(ids, labels, segs.len(), t)?)
 }
 
-fn arena_layout(a: &Adapter<CpuBackend>) -> Result<ArenaLayout> {
+fn arena_layout<B: Backend>(a: &Adapter<B>) -> Result<ArenaLayout> {
     Ok(ArenaLayout::from_ranges(
         a.layout.tensors().into_iter().map(|(k, _, r)| (k, r)),
         a.layout.numel,
