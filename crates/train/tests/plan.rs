@@ -160,18 +160,28 @@ fn cuda_bf16_plan_matches_hand_calculation() {
         (32 << 20) + (I * C * 2) as u64 + (N * R * 2) as u64
     );
     assert_eq!(p.cuda_context, plan::CUDA_CONTEXT_BYTES);
-    // Flash attention saves lse (B, H, T) f32 = 2 bf16 elements per row.
-    let att = B * H * T * 2;
-    let acts = al(T * D * e)
-        + 2 * al(N * C * e)
-        + L as u64 * al(N * C * e)
-        + al(N * C * e)
-        + al(N * e)
-        + layer_saved(e, att)
-        + al(N * C * e);
+    // CudaBackend keeps rstd and lse in f32, saves attention as one f32 block (lse (B, H, T)
+    // rounded up to 4, then the bf16 output two per element), and its rope table is the D/2
+    // inverse frequencies + T positions in f32.
+    let rope = al((D / 2 + T) * 4);
+    let att_f32 = (B * H * T).div_ceil(4) * 4 + (N * H * D).div_ceil(2);
+    let saved = 6 * al(N * C * e)          // x_in, xn1, q, o, h_mid, xn2
+        + 2 * al(N * 4)                    // rstd1, rstd2 f32
+        + 2 * al(N * KVD * e)              // k, v
+        + al(att_f32 * 4)
+        + 3 * al(N * I * e)                // e, g, a
+        + 7 * al(N * R * e); // u
+    let acts = rope
+        + 2 * al(N * C * e)                // h, tmp
+        + L as u64 * al(N * C * e)         // layer inputs
+        + al(N * C * e)                    // xf
+        + al(N * 4)                        // rstdf f32
+        + saved
+        + al(N * C * e); // recompute input copy
     assert_eq!(p.activations, acts, "activations");
     assert_eq!(p.scratch, scratch(e), "scratch");
-    assert_eq!(p.loss, al(N * e), "loss");
+    assert_eq!(p.loss, al(N * 4), "loss (lse f32)");
+    assert_eq!(p.loss_working_set, al(N * V * e) + al(N * 4));
 }
 
 #[test]
@@ -238,7 +248,7 @@ fn llama3_70b_at_4096_plans_in_well_under_a_second() {
 
 #[test]
 fn dry_run_attention_save_matches_the_cpu_backend() {
-    use qlora_train::plan::{AttnSave, PlanBackend};
+    use qlora_train::plan::{Layout, PlanBackend};
     use qlora_train::{AttnDims, Backend, CpuBackend};
     let dims = AttnDims {
         b: 3,
@@ -249,7 +259,7 @@ fn dry_run_attention_save_matches_the_cpu_backend() {
         hkv: 2,
         d: 16,
     };
-    let plan_be = PlanBackend::new(4, AttnSave::Probabilities);
+    let plan_be = PlanBackend::new(4, Layout::Cpu);
     assert_eq!(
         plan_be.attention_saved_len(dims),
         CpuBackend::<f32>::new().attention_saved_len(dims)

@@ -33,6 +33,10 @@ pub struct Args {
     /// adamw32 or adamw8.
     #[arg(long, default_value = "adamw32")]
     pub optimizer: String,
+    /// Optimizer state in CUDA managed memory, paged per the trainer's default policy (as
+    /// bitsandbytes' paged_adamw_32bit of the baseline).
+    #[arg(long)]
+    pub paged: bool,
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
@@ -61,6 +65,8 @@ struct Setup {
     config: ModelConfig,
     lora: LoraConfig,
     adamw: plan::AdamWConfig,
+    /// The trainer's optimizer name (`adamw`, `paged_adamw_32bit`, …).
+    optim: String,
     opts: BenchOptions,
 }
 
@@ -85,10 +91,12 @@ fn setup(a: &Args) -> Result<Setup> {
             bail!("{flag} must be at least 1");
         }
     }
-    let state_bits = match a.optimizer.as_str() {
-        "adamw32" => plan::StateBits::Full32,
-        "adamw8" => plan::StateBits::Blockwise8,
-        o => bail!("--optimizer `{o}` (expected adamw32 or adamw8)"),
+    let (state_bits, optim) = match (a.optimizer.as_str(), a.paged) {
+        ("adamw32", false) => (plan::StateBits::Full32, "adamw"),
+        ("adamw32", true) => (plan::StateBits::Full32, "paged_adamw_32bit"),
+        ("adamw8", false) => (plan::StateBits::Blockwise8, "adamw_8bit"),
+        ("adamw8", true) => (plan::StateBits::Blockwise8, "paged_adamw_8bit"),
+        (o, _) => bail!("--optimizer `{o}` (expected adamw32 or adamw8)"),
     };
     let lr = 2e-4;
     let target_modules = if a.target_modules.iter().any(|t| t == "all-linear") {
@@ -110,6 +118,7 @@ fn setup(a: &Args) -> Result<Setup> {
             state_bits,
             ..plan::AdamWConfig::default()
         },
+        optim: optim.to_string(),
         opts: BenchOptions {
             warmup: a.warmup,
             steps: a.steps,
@@ -233,7 +242,7 @@ pub fn run(a: Args) -> Result<()> {
         seq_len: a.seq_len,
         checkpointing: s.opts.checkpointing,
         adamw: s.adamw.clone(),
-        paged: false,
+        paged: a.paged,
     })?;
     let (times, peak, peak_tflops) = match device {
         PlanDevice::Cpu => {
@@ -247,10 +256,35 @@ pub fn run(a: Args) -> Result<()> {
             )?;
             (t, p, a.peak_tflops)
         }
-        PlanDevice::Cuda => bail!(
-            "--device cuda: this build has no CUDA backend yet (qlora_train::CudaBackend); \
-             use --device cpu"
-        ),
+        PlanDevice::Cuda => {
+            let be = qlora_train::CudaBackend::new().context("--device cuda")?;
+            let (adamw, optim) = (s.adamw.clone(), s.optim.clone());
+            let next_need = plan.step_bytes();
+            let (t, p) = bench_on(
+                &s,
+                &a,
+                be,
+                |timed, adapter| {
+                    Ok(bench::TrainerOptimizer::new(
+                        &timed.inner,
+                        &adapter.layout,
+                        adamw,
+                        &optim,
+                        next_need,
+                    )?)
+                },
+                |be| {
+                    be.synchronize().ok()?;
+                    let (free, total) = be.device().mem_info().ok()?;
+                    Some((
+                        (total - free) as u64,
+                        "cudaMemGetInfo used after the run: CUDA context + the caching pool, \
+                         which keeps every block it ever handed out (its high-water)",
+                    ))
+                },
+            )?;
+            (t, p, a.peak_tflops.or(Some(bench::H100_SXM_BF16_TFLOPS)))
+        }
     };
     if a.json {
         let mut v = serde_json::to_value(&times)?;

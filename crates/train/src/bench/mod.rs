@@ -40,6 +40,8 @@ pub enum BenchError {
     Optim(#[from] qlora_optim::OptimError),
     #[error("bench: `{key}`: {msg}")]
     Config { key: &'static str, msg: String },
+    #[error(transparent)]
+    Trainer(#[from] crate::trainer::TrainerError),
     #[error("bench: step {step}: loss is {loss} (not finite)")]
     NonFiniteLoss { step: usize, loss: f64 },
 }
@@ -66,6 +68,42 @@ impl<B: Backend<Buf = Vec<f32>>> AdapterOptimizer<B> for qlora_optim::AdamW {
         lr: f64,
     ) -> Result<(), BenchError> {
         qlora_optim::AdamW::step(self, params, grads, lr)?;
+        Ok(())
+    }
+}
+
+/// The trainer's optimizer on a [`TrainBackend`](crate::trainer::TrainBackend): the host AdamW
+/// on the CPU, qlora-optim's `GpuAdamW` (one launch over the arena) on CUDA.
+pub struct TrainerOptimizer<B: crate::trainer::TrainBackend>(pub B::Optimizer);
+
+impl<B: crate::trainer::TrainBackend> TrainerOptimizer<B> {
+    /// `optim` is the trainer's optimizer name (`adamw`, `adamw_8bit`, `paged_adamw_32bit`, …);
+    /// `next_need` the bytes one forward/backward allocates (the paging policy's input).
+    pub fn new(
+        be: &B,
+        layout: &crate::lora::AdapterLayout,
+        adamw: qlora_optim::AdamWConfig,
+        optim: &str,
+        next_need: u64,
+    ) -> Result<Self, BenchError> {
+        let host = host_adamw(layout, adamw)?;
+        let config = crate::trainer::TrainConfig {
+            optim: optim.to_string(),
+            ..crate::trainer::TrainConfig::default()
+        };
+        Ok(TrainerOptimizer(be.optimizer(host, &config, next_need)?))
+    }
+}
+
+impl<B: crate::trainer::TrainBackend> AdapterOptimizer<B> for TrainerOptimizer<B> {
+    fn step(
+        &mut self,
+        be: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        lr: f64,
+    ) -> Result<(), BenchError> {
+        be.optimizer_step(&mut self.0, params, grads, lr)?;
         Ok(())
     }
 }

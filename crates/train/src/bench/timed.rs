@@ -155,6 +155,15 @@ impl<B: Backend> Backend for Timed<B> {
     fn upload(&self, host: &[f32]) -> B::Buf {
         self.run(OpClass::Memory, |b| b.upload(host))
     }
+    fn zeros_f32(&self, n: usize) -> B::Buf {
+        self.run(OpClass::Memory, |b| b.zeros_f32(n))
+    }
+    fn upload_f32(&self, host: &[f32]) -> B::Buf {
+        self.run(OpClass::Memory, |b| b.upload_f32(host))
+    }
+    fn rope_table(&self, inv_freq: &[f64], positions: usize) -> B::Buf {
+        self.run(OpClass::Rope, |b| b.rope_table(inv_freq, positions))
+    }
     fn download(&self, buf: &B::Buf) -> Vec<f32> {
         self.run(OpClass::Memory, |b| b.download(buf))
     }

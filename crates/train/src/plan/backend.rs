@@ -26,23 +26,37 @@ pub enum Role {
     Loss,
 }
 
-/// How the backend being planned for lays out attention's save buffer
-/// ([`Backend::attention_saved_len`]), in elements of the compute dtype.
+/// The buffer layouts of the backend being planned for, where they differ between backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttnSave {
-    /// `CpuBackend`: the probabilities `(B, H, Tq, Tk)`.
-    Probabilities,
-    /// Flash-style (`cuda/attention.cu`): the log-sum-exp `(B, H, Tq)` in f32, stored in a
-    /// buffer of `elem_bytes`-byte elements (2 per row for bf16).
-    LogSumExpF32,
+pub enum Layout {
+    /// `CpuBackend`: attention saves the probabilities `(B, H, Tq, Tk)`; the rope table is the
+    /// `(P, D)` cos/sin table; every buffer is in the compute dtype.
+    Cpu,
+    /// `CudaBackend` (crates/train/src/cuda): attention saves a packed f32 block, the
+    /// log-sum-exp `(B, H, Tq)` rounded up to 4 elements then the bf16 output two per f32
+    /// element (`CudaBackend::attention_saved_len`); the rope table is the `(D/2,)` inverse
+    /// frequencies then `(P,)` positions, f32 (`CudaBackend::rope_table`); `zeros_f32` /
+    /// `upload_f32` buffers are f32.
+    Cuda,
 }
 
-impl AttnSave {
-    /// Elements of `elem_bytes` each that attention saves for `dims`.
-    pub fn saved_len(self, dims: AttnDims, elem_bytes: usize) -> usize {
+impl Layout {
+    /// Elements attention saves for `dims` (f32 elements on CUDA, compute dtype on the CPU).
+    pub fn attention_saved_len(self, dims: AttnDims) -> usize {
         match self {
-            AttnSave::Probabilities => crate::cpu::attention::saved_len(dims),
-            AttnSave::LogSumExpF32 => (dims.b * dims.h * dims.tq * 4).div_ceil(elem_bytes),
+            Layout::Cpu => crate::cpu::attention::saved_len(dims),
+            Layout::Cuda => {
+                let lse = (dims.b * dims.h * dims.tq).div_ceil(4) * 4;
+                let o = (dims.b * dims.tq * dims.h * dims.d).div_ceil(2);
+                lse + o
+            }
+        }
+    }
+    /// `(elements, bytes per element)` of the rope table for `positions`, head dim `d`.
+    pub fn rope_table(self, d: usize, positions: usize, elem_bytes: usize) -> (usize, usize) {
+        match self {
+            Layout::Cpu => (positions * d, elem_bytes),
+            Layout::Cuda => (d / 2 + positions, 4),
         }
     }
 }
@@ -121,7 +135,7 @@ pub struct PlanFrozen {
 /// The dry-run backend. `elem_bytes` is the compute dtype's size (2 for bf16, 4 for f32).
 pub struct PlanBackend {
     elem_bytes: usize,
-    attn: AttnSave,
+    layout: Layout,
     state: Arc<Mutex<State>>,
 }
 
@@ -150,10 +164,10 @@ pub struct ArenaReport {
 }
 
 impl PlanBackend {
-    pub fn new(elem_bytes: usize, attn: AttnSave) -> PlanBackend {
+    pub fn new(elem_bytes: usize, layout: Layout) -> PlanBackend {
         PlanBackend {
             elem_bytes,
-            attn,
+            layout,
             state: Arc::new(Mutex::new(State::default())),
         }
     }
@@ -198,13 +212,14 @@ impl PlanBackend {
         }
     }
 
-    fn alloc(&self, len: usize) -> PlanBuf {
+    /// `len` elements of `elem` bytes.
+    fn alloc(&self, len: usize, elem: usize) -> PlanBuf {
         let mut st = lock(&self.state);
         let id = st.next_id;
         st.next_id += 1;
         let offset = (st.recording && len > 0).then(|| {
             let before = st.arena.peak_live();
-            let off = st.arena.alloc(len * self.elem_bytes, ARENA_ALIGN);
+            let off = st.arena.alloc(len * elem, ARENA_ALIGN);
             let size = st.arena.size_of(off).unwrap_or(0);
             st.live.insert(id, (off, size));
             st.sizes.insert(id, size);
@@ -244,10 +259,24 @@ impl Backend for PlanBackend {
         format!("plan ({}-byte elements)", self.elem_bytes)
     }
     fn zeros(&self, n: usize) -> PlanBuf {
-        self.alloc(n)
+        self.alloc(n, self.elem_bytes)
     }
     fn upload(&self, host: &[f32]) -> PlanBuf {
-        self.alloc(host.len())
+        self.alloc(host.len(), self.elem_bytes)
+    }
+    fn zeros_f32(&self, n: usize) -> PlanBuf {
+        self.alloc(n, 4)
+    }
+    fn upload_f32(&self, host: &[f32]) -> PlanBuf {
+        self.alloc(host.len(), 4)
+    }
+    fn rope_table(&self, inv_freq: &[f64], positions: usize) -> PlanBuf {
+        let (len, elem) = self
+            .layout
+            .rope_table(2 * inv_freq.len(), positions, self.elem_bytes);
+        let b = self.alloc(len, elem);
+        self.wrote(&b, Role::Activation);
+        b
     }
     /// A dry-run buffer holds no values: zeros of its length.
     fn download(&self, buf: &PlanBuf) -> Vec<f32> {
@@ -311,7 +340,7 @@ impl Backend for PlanBackend {
         self.bwd(&[d_x]);
     }
     fn attention_saved_len(&self, dims: AttnDims) -> usize {
-        self.attn.saved_len(dims, self.elem_bytes)
+        self.layout.attention_saved_len(dims)
     }
     fn attention_fwd(
         &self,

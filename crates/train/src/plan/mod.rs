@@ -19,7 +19,7 @@ pub mod shapes;
 
 pub use arena::ArenaPlanner;
 pub use backend::{
-    ArenaReport, AttnSave, Phase, PlanBackend, PlanBuf, PlanFrozen, Role, ARENA_ALIGN,
+    ArenaReport, Layout, Phase, PlanBackend, PlanBuf, PlanFrozen, Role, ARENA_ALIGN,
 };
 
 use serde::Serialize;
@@ -235,7 +235,7 @@ pub fn shape_model(be: &PlanBackend, config: &ModelConfig) -> Model<PlanBackend>
 pub struct StepShape {
     /// Bytes per element of the backend's `Buf` (2 bf16, 4 f32).
     pub elem_bytes: usize,
-    pub attn: AttnSave,
+    pub layout: Layout,
     pub batch_size: usize,
     pub seq_len: usize,
     pub checkpointing: bool,
@@ -249,7 +249,7 @@ pub fn plan_step_arena(
     layout: &AdapterLayout,
     step: StepShape,
 ) -> Result<ArenaReport> {
-    let be = PlanBackend::new(step.elem_bytes, step.attn);
+    let be = PlanBackend::new(step.elem_bytes, step.layout);
     let m = shape_model(&be, model);
     let mut adapter = Adapter {
         config: lora.clone(),
@@ -287,9 +287,9 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
     let cfg = &req.model;
     let layout = AdapterLayout::new(&req.lora, cfg)?;
     let el = req.dtype.bytes();
-    let attn = match req.device {
-        PlanDevice::Cuda => AttnSave::LogSumExpF32,
-        PlanDevice::Cpu => AttnSave::Probabilities,
+    let layout_of_device = match req.device {
+        PlanDevice::Cuda => Layout::Cuda,
+        PlanDevice::Cpu => Layout::Cpu,
     };
     let arena = plan_step_arena(
         cfg,
@@ -297,7 +297,7 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
         &layout,
         StepShape {
             elem_bytes: el,
-            attn,
+            layout: layout_of_device,
             batch_size: req.batch_size,
             seq_len: req.seq_len,
             checkpointing: req.checkpointing,
