@@ -234,6 +234,7 @@ pub fn run(a: Args) -> Result<()> {
         checkpointing: s.opts.checkpointing,
         adamw: s.adamw.clone(),
         paged: false,
+        caching_pool: true,
     })?;
     let (times, peak, peak_tflops) = match device {
         PlanDevice::Cpu => {
