@@ -44,6 +44,7 @@ fn request(device: PlanDevice, dtype: DeviceDtype, checkpointing: bool) -> PlanR
         checkpointing,
         adamw: AdamWConfig::default(),
         paged: false,
+        caching_pool: false,
     }
 }
 
@@ -270,4 +271,16 @@ fn dry_run_attention_save_matches_the_cpu_backend() {
 fn trainer_groups_add_up() {
     let p = plan::plan(&request(PlanDevice::Cpu, DeviceDtype::F32, true)).unwrap();
     assert_eq!(p.base_bytes() + p.adapter_bytes() + p.step_bytes(), p.total);
+}
+
+#[test]
+fn caching_pool_adds_only_its_own_line() {
+    let arena = plan::plan(&request(PlanDevice::Cuda, DeviceDtype::Bf16, true)).unwrap();
+    let mut req = request(PlanDevice::Cuda, DeviceDtype::Bf16, true);
+    req.caching_pool = true;
+    let pool = plan::plan(&req).unwrap();
+    assert_eq!(arena.pool_overhead, 0);
+    // Tiny tensors all round up (the embedding's 40960 bytes to a 65536-byte class alone).
+    assert!(pool.pool_overhead >= 65536 - 40960);
+    assert_eq!(pool.total - pool.pool_overhead, arena.total);
 }

@@ -243,6 +243,7 @@ pub fn run(a: Args) -> Result<()> {
         checkpointing: s.opts.checkpointing,
         adamw: s.adamw.clone(),
         paged: a.paged,
+        caching_pool: true,
     })?;
     let (times, peak, peak_tflops) = match device {
         PlanDevice::Cpu => {

@@ -46,6 +46,9 @@ pub struct Args {
     /// nf4 (QLoRA: blocksize 64, double quant) or dense frozen projections.
     #[arg(long, default_value = "nf4")]
     pub base: String,
+    /// Predict for one planned device arena instead of today's caching pool (CUDA).
+    #[arg(long)]
+    pub planned_arena: bool,
     /// Print the plan as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -118,6 +121,7 @@ pub fn request(a: &Args) -> Result<(String, PlanRequest)> {
             checkpointing: !a.no_gradient_checkpointing,
             adamw,
             paged: a.paged,
+            caching_pool: !a.planned_arena,
         },
     ))
 }

@@ -25,7 +25,7 @@ pub enum OpClass {
     Embedding,
     /// Cross entropy fwd and bwd.
     Loss,
-    /// copy, zero, residual add, allocation, upload/download.
+    /// copy, zero, residual add, allocation, upload/download, building the rope table.
     Memory,
     /// The AdamW step over the adapter arena (timed by the bench loop, not by `Timed`).
     Optimizer,
@@ -162,7 +162,7 @@ impl<B: Backend> Backend for Timed<B> {
         self.run(OpClass::Memory, |b| b.upload_f32(host))
     }
     fn rope_table(&self, inv_freq: &[f64], positions: usize) -> B::Buf {
-        self.run(OpClass::Rope, |b| b.rope_table(inv_freq, positions))
+        self.run(OpClass::Memory, |b| b.rope_table(inv_freq, positions))
     }
     fn download(&self, buf: &B::Buf) -> Vec<f32> {
         self.run(OpClass::Memory, |b| b.download(buf))

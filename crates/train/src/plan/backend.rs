@@ -77,6 +77,12 @@ struct State {
     allocations: usize,
     /// Block size of every arena buffer ever allocated, by id.
     sizes: HashMap<u64, usize>,
+    /// The same allocations through a model of qlora-cuda's caching pool
+    /// (`qlora_cuda::device::pool_class` size classes, one free list per class, nothing
+    /// returned to the driver): live class by id, free blocks by class, bytes held.
+    pool_live: HashMap<u64, usize>,
+    pool_free: HashMap<usize, usize>,
+    pool_held: usize,
 }
 
 /// Where in the step the schedule is.
@@ -121,6 +127,9 @@ impl Drop for PlanBuf {
             let mut st = lock(&self.state);
             st.arena.free(off);
             st.live.remove(&self.id);
+            if let Some(class) = st.pool_live.remove(&self.id) {
+                *st.pool_free.entry(class).or_insert(0) += 1;
+            }
         }
     }
 }
@@ -158,6 +167,9 @@ pub struct ArenaReport {
     pub peak_phase: Phase,
     /// Buffers allocated in the arena.
     pub allocations: usize,
+    /// Bytes qlora-cuda's caching pool holds after the step when it serves exactly these
+    /// allocations in this order (size-class rounding, per-class reuse only).
+    pub pool_held: usize,
     /// Block bytes of every buffer with the loss role (the schedule's logits and lse, live
     /// together), whether or not they are live at the peak.
     pub loss_working_set: usize,
@@ -203,6 +215,7 @@ impl PlanBackend {
             loss: by[2],
             peak_phase: st.peak_phase,
             allocations: st.allocations,
+            pool_held: st.pool_held,
             loss_working_set: st
                 .roles
                 .iter()
@@ -223,6 +236,12 @@ impl PlanBackend {
             let size = st.arena.size_of(off).unwrap_or(0);
             st.live.insert(id, (off, size));
             st.sizes.insert(id, size);
+            let class = qlora_cuda::device::pool_class(len * elem);
+            match st.pool_free.get_mut(&class) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => st.pool_held += class,
+            }
+            st.pool_live.insert(id, class);
             st.allocations += 1;
             if st.arena.peak_live() > before {
                 st.peak = st.live.iter().map(|(&i, &(_, b))| (i, b)).collect();
@@ -453,5 +472,29 @@ impl Backend for PlanBackend {
     }
     fn cross_entropy_bwd(&self, logits: &mut PlanBuf, _: &PlanBuf, _: &[i32], _: usize, _: f64) {
         self.wrote(logits, Role::Loss);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_model_rounds_to_classes_and_reuses_within_a_class() {
+        let be = PlanBackend::new(4, Layout::Cpu);
+        be.start_recording();
+        let a = be.zeros(250); // 1000 B → 1024-byte class
+        drop(a);
+        let b = be.zeros(150); // 600 B → the cached 1024-byte block
+        let c = be.zeros(750); // 3000 B → a new 4096-byte block
+        drop((b, c));
+        let d = be.zeros(100); // 400 B → 512-byte class: new
+        drop(d);
+        let r = be.finish();
+        assert_eq!(r.pool_held, 1024 + 4096 + 512);
+        // The exact arena: 1024 (reused for 600 → 768), then 768 + 3072 at most live.
+        assert_eq!(r.peak_live, 768 + 3072);
+        assert_eq!(r.high_water, 768 + 3072);
+        assert_eq!(r.allocations, 4);
     }
 }

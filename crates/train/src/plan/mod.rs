@@ -84,6 +84,9 @@ pub struct PlanRequest {
     pub adamw: AdamWConfig,
     /// State arena in managed memory, paged to the host between updates.
     pub paged: bool,
+    /// CUDA: the device buffers come from qlora-cuda's caching pool (today's CudaBackend),
+    /// not from one planned arena: add the pool's overhead line.
+    pub caching_pool: bool,
 }
 
 /// Predicted peak device memory, bytes, by line. `total` = the sum of every line.
@@ -130,6 +133,12 @@ pub struct MemoryPlan {
     /// CUDA: cuBLASLt workspace + the dequantize-to-scratch buffer of the non-fused linear path
     /// (the largest projection, out·in in the device dtype) + the LoRA `(N, R)` scratch.
     pub workspace: u64,
+    /// CUDA with [`PlanRequest::caching_pool`]: what qlora-cuda's caching pool holds beyond the
+    /// exact sizes above: each allocation rounded to its size class
+    /// (`qlora_cuda::device::pool_class`), and the step's blocks reused only within their
+    /// class (the pool replays the step's allocation sequence; a freed logits block cannot
+    /// serve a backward scratch buffer), one cached dequant block per size class.
+    pub pool_overhead: u64,
     /// CUDA: [`CUDA_CONTEXT_BYTES`]; 0 on the CPU.
     pub cuda_context: u64,
     pub total: u64,
@@ -165,6 +174,7 @@ impl MemoryPlan {
             ("loss (logits + logsumexp)", self.loss),
             ("arena fragmentation", self.arena_fragmentation),
             ("workspace (cuBLASLt, dequant, LoRA)", self.workspace),
+            ("caching-pool overhead (size classes)", self.pool_overhead),
             ("CUDA context (stated constant)", self.cuda_context),
         ]
     }
@@ -310,6 +320,12 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
     // embedding + lm_head + (2L + 1) norms, in elements.
     let mut dense = 2 * v * c + (2 * cfg.num_layers + 1) * c;
     let mut largest_proj = 0usize;
+    // Bytes of each resident device allocation (CudaBackend: one per tensor), for the pool
+    // model: embedding, lm_head, the norms.
+    let mut resident: Vec<usize> = vec![v * c * el, v * c * el];
+    resident.extend(std::iter::repeat_n(c * el, 2 * cfg.num_layers + 1));
+    // Distinct dequantize-to-scratch sizes (the pool caches one block per size class).
+    let mut dequant_sizes: Vec<usize> = Vec::new();
     for _ in 0..cfg.num_layers {
         for p in Proj::ALL {
             let (inf, outf) = p.dims(cfg);
@@ -320,8 +336,12 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
             };
             if bias {
                 dense += outf;
+                resident.push(outf * el);
             }
             largest_proj = largest_proj.max(inf * outf);
+            if !dequant_sizes.contains(&(inf * outf * el)) {
+                dequant_sizes.push(inf * outf * el);
+            }
             match req.base {
                 BaseFormat::Nf4 {
                     blocksize,
@@ -330,11 +350,24 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
                     let (a, b) = nf4_bytes(inf * outf, blocksize, double_quant);
                     codes += a;
                     constants += b;
+                    // Nf4Weight::upload: packed codes, then the absmax codes and nested
+                    // absmax (or the f32 absmax).
+                    let blocks = (inf * outf).div_ceil(blocksize);
+                    resident.push(a as usize);
+                    if double_quant {
+                        resident.push(blocks);
+                        resident.push(4 * blocks.div_ceil(qlora_nf4::NESTED_BLOCKSIZE));
+                    } else {
+                        resident.push(4 * blocks);
+                    }
                     if req.device == PlanDevice::Cpu {
                         dense += inf * outf;
                     }
                 }
-                BaseFormat::Dense => dense += inf * outf,
+                BaseFormat::Dense => {
+                    dense += inf * outf;
+                    resident.push(inf * outf * el);
+                }
             }
         }
     }
@@ -349,19 +382,42 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
     let adapter_params = 4 * numel as u64;
     let adapter_grads = 4 * numel as u64;
 
-    let (workspace, cuda_context) = match req.device {
+    let nf4 = matches!(req.base, BaseFormat::Nf4 { .. });
+    let (workspace, cuda_context, pool_overhead) = match req.device {
         PlanDevice::Cuda => {
             let r_max = layout.slots.iter().map(|s| s.r).max().unwrap_or(0);
             let n = req.batch_size * req.seq_len;
-            let dequant = if matches!(req.base, BaseFormat::Nf4 { .. }) {
-                largest_proj * el
+            let dequant = if nf4 { largest_proj * el } else { 0 };
+            let lora_scratch = n * r_max * el;
+            let ws = qlora_cuda::blas::WORKSPACE_BYTES + dequant + lora_scratch;
+            let pool = if req.caching_pool {
+                use qlora_cuda::device::pool_class;
+                resident.extend([4 * numel, 4 * numel]);
+                if !req.paged {
+                    resident.push(optimizer_state as usize);
+                }
+                let rounding: usize = resident.iter().map(|&b| pool_class(b) - b).sum();
+                // Op scratch: one cached block per distinct dequant size class.
+                let mut classes: Vec<usize> = Vec::new();
+                if nf4 {
+                    for &b in &dequant_sizes {
+                        if !classes.contains(&pool_class(b)) {
+                            classes.push(pool_class(b));
+                        }
+                    }
+                }
+                let ws_pool = pool_class(qlora_cuda::blas::WORKSPACE_BYTES)
+                    + classes.iter().sum::<usize>()
+                    + pool_class(lora_scratch.max(1));
+                rounding
+                    + arena.pool_held.saturating_sub(arena.high_water)
+                    + ws_pool.saturating_sub(ws)
             } else {
                 0
             };
-            let ws = qlora_cuda::blas::WORKSPACE_BYTES + dequant + n * r_max * el;
-            (ws as u64, CUDA_CONTEXT_BYTES)
+            (ws as u64, CUDA_CONTEXT_BYTES, pool as u64)
         }
-        PlanDevice::Cpu => (0, 0),
+        PlanDevice::Cpu => (0, 0, 0),
     };
 
     let live = (arena.activations + arena.scratch + arena.loss) as u64;
@@ -387,6 +443,7 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
         peak_phase: arena.peak_phase,
         loss_working_set: arena.loss_working_set as u64,
         workspace,
+        pool_overhead,
         cuda_context,
         total: 0,
     };
