@@ -73,7 +73,7 @@ fn table_lists_every_line_and_the_total() {
     for label in [
         "NF4 weights: codes",
         "quantization constants",
-        "16-bit weights",
+        "unquantized weights",
         "adapter parameters",
         "adapter gradients",
         "optimizer state",
