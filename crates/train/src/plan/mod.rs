@@ -163,7 +163,7 @@ impl MemoryPlan {
             ("NF4 weights: codes", self.nf4_codes),
             ("NF4 weights: quantization constants", self.nf4_constants),
             (
-                "16-bit weights (embedding, lm_head, norms)",
+                "unquantized weights (embedding, lm_head, norms)",
                 self.dense_weights,
             ),
             ("adapter parameters (f32)", self.adapter_params),
