@@ -106,6 +106,25 @@ pub trait Backend: Sync {
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Prepare a frozen weight `(out, in)`; `name` is for errors.
     fn frozen(&self, name: &str, w: FrozenWeight, out: usize, inp: usize) -> Result<Self::Frozen>;
+    /// QLoRA's quantize-on-load: the dense `(out, in)` weight `data` quantized to NF4
+    /// (bitsandbytes' rules, blocksize `qb`, optionally double-quantized; `dtype` is the
+    /// checkpoint dtype the QuantState records) and prepared. By default on the host
+    /// (`Nf4Tensor::quantize`, then [`Backend::frozen`]); a device backend quantizes where the
+    /// weight will live.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_frozen(
+        &self,
+        name: &str,
+        data: Vec<f32>,
+        out: usize,
+        inp: usize,
+        qb: usize,
+        double_quant: bool,
+        dtype: qlora_nf4::Dtype,
+    ) -> Result<Self::Frozen> {
+        let t = qlora_nf4::Nf4Tensor::quantize(name, &data, &[out, inp], qb, double_quant, dtype)?;
+        self.frozen(name, FrozenWeight::Nf4(t), out, inp)
+    }
     /// The frozen weight as f32 `(out·in,)` (NF4: dequantized), for merging.
     fn frozen_to_f32(&self, w: &Self::Frozen) -> Vec<f32>;
 
@@ -201,7 +220,8 @@ pub trait Backend: Sync {
     );
 
     /// `y (N, out) = x·deq(W)ᵀ + bias + S·(drop(x)·Aᵀ)·Bᵀ`; `u (N, R)` = drop(x)·Aᵀ saved for bwd
-    /// (pass `None` for inference). `params` is the adapter arena.
+    /// (pass `None` for inference; only this backend's bwd reads it: CudaBackend stores it
+    /// pre-scaled, S·drop(x)·Aᵀ). `params` is the adapter arena.
     #[allow(clippy::too_many_arguments)]
     fn nf4_lora_linear_fwd(
         &self,

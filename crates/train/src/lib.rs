@@ -1,6 +1,8 @@
 //! Llama-family model, LoRA adapters and the training schedule (forward, backward,
 //! recompute), written once against the [`Backend`] trait; [`CpuBackend`] is the f32
-//! reference implementation.
+//! reference implementation, [`CudaBackend`] the GPU one (bf16 compute, f32 LoRA master
+//! weights and gradients, NF4 base on the device). The [`trainer::Trainer`] runs on either
+//! ([`trainer::TrainBackend`]).
 //!
 //! # Dimension letters
 //! Used in every buffer's doc comment (e.g. `/// (B·T, C) f32, saved for rmsnorm::bwd`):

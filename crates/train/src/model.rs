@@ -123,12 +123,14 @@ impl<B: Backend> Model<B> {
                 let wname = format!("{base}.weight");
                 let w = if src.is_nf4(&wname) {
                     nf4_base = true;
-                    FrozenWeight::Nf4(src.get_nf4(&wname)?)
+                    be.frozen(&wname, FrozenWeight::Nf4(src.get_nf4(&wname)?), outf, inf)?
                 } else {
                     check_shape(src, &wname, &[outf, inf])?;
                     let data = src.get_f32(&wname)?;
                     match format {
-                        BaseFormat::Dense => FrozenWeight::Dense(data),
+                        BaseFormat::Dense => {
+                            be.frozen(&wname, FrozenWeight::Dense(data), outf, inf)?
+                        }
                         BaseFormat::Nf4 {
                             blocksize,
                             double_quant,
@@ -136,14 +138,15 @@ impl<B: Backend> Model<B> {
                             nf4_base = true;
                             // QuantState.dtype = the original weight dtype (dequant output).
                             let dtype = src.dtype(&wname).unwrap_or(qlora_nf4::Dtype::F32);
-                            FrozenWeight::Nf4(qlora_nf4::Nf4Tensor::quantize(
+                            be.quantize_frozen(
                                 &wname,
-                                &data,
-                                &[outf, inf],
+                                data,
+                                outf,
+                                inf,
                                 blocksize,
                                 double_quant,
                                 dtype,
-                            )?)
+                            )?
                         }
                     }
                 };
@@ -158,7 +161,7 @@ impl<B: Backend> Model<B> {
                     None
                 };
                 proj.push(Linear {
-                    w: be.frozen(&wname, w, outf, inf)?,
+                    w,
                     bias,
                     in_features: inf,
                     out_features: outf,

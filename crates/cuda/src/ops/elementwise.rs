@@ -31,7 +31,7 @@ pub fn cast<D: Elem, S: Elem>(
     let args = Args::new().ptr_mut(y).ptr(x).arg(n as i64);
     dev.launch(
         FILE,
-        &entry::<D>("qlr_cast_fwd"),
+        &entry::<D>("qlr_elementwise_cast_fwd"),
         geometry(n, dev.sm_count()),
         args,
         stream,
@@ -77,7 +77,7 @@ pub fn dropout_fwd<T: Elem>(
         .arg(keep_scale(p));
     dev.launch(
         FILE,
-        &entry::<T>("qlr_dropout_fwd"),
+        &entry::<T>("qlr_elementwise_dropout_fwd"),
         geometry(n, dev.sm_count()),
         args,
         stream,
@@ -107,7 +107,7 @@ pub fn dropout_bwd_acc<T: Elem>(
         .arg(keep_scale(p));
     dev.launch(
         FILE,
-        &entry::<T>("qlr_dropout_bwd_acc"),
+        &entry::<T>("qlr_elementwise_dropout_bwd_acc"),
         geometry(n, dev.sm_count()),
         args,
         stream,
@@ -134,9 +134,29 @@ pub fn bias_fwd<T: Elem>(
         .arg(dim_i32(OP, "n", n)?);
     dev.launch(
         FILE,
-        &entry::<T>("qlr_bias_fwd"),
+        &entry::<T>("qlr_elementwise_bias_fwd"),
         geometry(rows * n, dev.sm_count()),
         args,
         stream,
     )
+}
+
+/// Number of NaN/Inf elements of `x` (waits for the stream: one `i32` read back).
+pub fn nonfinite_count(dev: &Device, x: &View<'_, f32>, stream: Option<&Stream>) -> Result<usize> {
+    const OP: &str = "elementwise::nonfinite_count";
+    let n = x.len();
+    let mut count = dev.zeros::<i32>(1, "nonfinite count")?;
+    let args = Args::new().ptr_mut(&count.view_mut()).ptr(x).arg(n as i64);
+    dev.launch(
+        FILE,
+        "qlr_elementwise_nonfinite_count_f32",
+        geometry(n, dev.sm_count()),
+        args,
+        stream,
+    )?;
+    if let Some(s) = stream {
+        s.synchronize()?;
+    }
+    let c = dev.download(&count.view())?[0];
+    usize::try_from(c).map_err(|_| bad_arg(OP, "count", format!("{c} is negative")))
 }

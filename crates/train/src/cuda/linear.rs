@@ -25,24 +25,26 @@ use qlora_cuda::blas::GemmShape;
 use qlora_cuda::ops::{elementwise, linear as g_linear, nf4 as g_nf4};
 use qlora_cuda::{View, ViewMut};
 
-use super::{bad, slice, view, view_mut, CResult, CudaBackend, CudaBuf, CudaFrozen, Dtype};
+use super::{bad, view, view_mut, CResult, CudaBackend, CudaBuf, CudaFrozen, Dtype};
 use crate::backend::{Dropout, LinearDims, LoraArgs};
 use crate::lora::LoraSlot;
 
-/// The bf16 copies of one slot's A `(R, in)` then B `(out, R)`, in one scratch buffer.
+/// The bf16 copies of one slot's A `(R, in)` and B `(out, R)`, each in its own scratch buffer
+/// (pool allocations start 512-byte aligned: cuBLASLt's heuristics assume aligned operands,
+/// and a B placed right after A in one buffer would start anywhere).
 struct LoraBf16 {
-    /// (R·in + out·R,) bf16
-    ab: CudaBuf,
-    a_len: usize,
-    b_len: usize,
+    /// (R·in,) bf16
+    a: CudaBuf,
+    /// (out·R,) bf16
+    b: CudaBuf,
 }
 
 impl LoraBf16 {
     fn a(&self, op: &str) -> CResult<View<'_, bf16>> {
-        slice::<bf16>(&self.ab, 0, self.a_len, op, "lora_a")
+        view::<bf16>(&self.a, op, "lora_a")
     }
     fn b(&self, op: &str) -> CResult<View<'_, bf16>> {
-        slice::<bf16>(&self.ab, self.a_len, self.b_len, op, "lora_b")
+        view::<bf16>(&self.b, op, "lora_b")
     }
 }
 
@@ -66,17 +68,10 @@ impl CudaBackend {
 
     /// Rounds the slot's f32 A and B (adapter arena `params`) to bf16.
     fn lora_bf16(&self, params: &CudaBuf, s: &LoraSlot, op: &str) -> CResult<LoraBf16> {
-        let (a_len, b_len) = (s.r * s.in_features, s.out_features * s.r);
-        let a = slice::<f32>(params, s.a_offset, a_len, op, "lora A")?;
-        let b = slice::<f32>(params, s.b_offset, b_len, op, "lora B")?;
-        let mut ab = self.allocate(Dtype::Bf16, a_len + b_len, false, op)?;
-        {
-            let mut all = view_mut::<bf16>(&mut ab, op, "lora bf16")?;
-            let (mut da, mut db) = all.reborrow().split_at_mut(a_len);
-            elementwise::cast(&self.dev, &mut da, &a, None)?;
-            elementwise::cast(&self.dev, &mut db, &b, None)?;
-        }
-        Ok(LoraBf16 { ab, a_len, b_len })
+        Ok(LoraBf16 {
+            a: self.to_bf16(params, s.a_offset, s.r * s.in_features, op)?,
+            b: self.to_bf16(params, s.b_offset, s.out_features * s.r, op)?,
+        })
     }
 
     /// The frozen weight as a bf16 `(out, in)` matrix: the dense buffer itself, or NF4

@@ -24,7 +24,7 @@
 //!
 //! # Allocation
 //! Every activation, saved buffer and scratch goes through ONE private function,
-//! [`CudaBackend::allocate`], so that a planned arena can replace the caching pool there.
+//! `CudaBackend::allocate` (private), so that a planned arena can replace the caching pool there.
 //!
 //! # Limits (typed errors, never wrong results)
 //! Attention runs without a KV-cache offset (training and full-sequence evaluation: `Tq = Tk`);
@@ -466,6 +466,43 @@ impl Backend for CudaBackend {
                 Ok(CudaFrozen::Dense { w, out, inp })
             }
         }
+    }
+    /// Quantize-on-load on the GPU: the f32 weight is uploaded to a scratch and quantized by
+    /// `ops::nf4::quantize_fwd` (byte-exact with the host's `Nf4Tensor::quantize` for the
+    /// codes and f32 scales; its parity test allows ±1 on the double-quant codes, specs/nf4.md
+    /// §3), so only the NF4 bytes ever stay on the device.
+    fn quantize_frozen(
+        &self,
+        name: &str,
+        data: Vec<f32>,
+        out: usize,
+        inp: usize,
+        qb: usize,
+        double_quant: bool,
+        dtype: qlora_nf4::Dtype,
+    ) -> Result<CudaFrozen> {
+        if data.len() != out * inp {
+            return Err(TrainError::tensor(
+                "<model>",
+                name,
+                format!("{} elements, expected {out}×{inp}", data.len()),
+            ));
+        }
+        let q = (|| -> CResult<Nf4Weight> {
+            let mut x = self.allocate(Dtype::F32, data.len(), false, "quantize_frozen")?;
+            self.dev
+                .copy_in(&data, &mut view_mut::<f32>(&mut x, "quantize_frozen", "w")?)?;
+            ops::nf4::quantize_fwd(
+                &self.dev,
+                &view::<f32>(&x, "quantize_frozen", "w")?,
+                &[out, inp],
+                qb,
+                double_quant,
+                name,
+            )
+        })();
+        let w = q.map_err(|e| device_err("quantize_frozen", e))?;
+        Ok(CudaFrozen::Nf4 { w, dtype })
     }
     fn frozen_to_f32(&self, w: &CudaFrozen) -> Vec<f32> {
         match w {
@@ -922,6 +959,13 @@ impl CudaBackend {
         let p = view_mut::<f32>(params, op, "params").map_err(|e| device_err(op, e))?;
         let g = view::<f32>(grads, op, "grads").map_err(|e| device_err(op, e))?;
         Ok((p, g))
+    }
+
+    /// NaN/Inf elements of an f32 buffer (waits for the device; reports a pending error).
+    pub fn nonfinite_count(&self, buf: &CudaBuf, op: &str) -> Result<usize> {
+        self.synchronize()?;
+        let v = view::<f32>(buf, op, "buf").map_err(|e| device_err(op, e))?;
+        elementwise::nonfinite_count(&self.dev, &v, None).map_err(|e| device_err(op, e))
     }
 
     /// RoPE in place over `x (B·T, heads·D)`, one launch per sequence: row `t` of sequence `b`

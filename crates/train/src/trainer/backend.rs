@@ -240,7 +240,11 @@ impl TrainBackend for CudaBackend {
         self.synchronize()?;
         Ok(opt.opt.host().grad_norm(&host)?)
     }
+    /// Counts on the device (one word read back); reads the arena only when there is one.
     fn first_non_finite(&self, grads: &CudaBuf) -> Result<Option<f32>> {
+        if self.nonfinite_count(grads, "first_non_finite")? == 0 {
+            return Ok(None);
+        }
         let host = self.download(grads);
         self.synchronize()?;
         Ok(host.into_iter().find(|g| !g.is_finite()))

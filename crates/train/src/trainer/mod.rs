@@ -18,7 +18,16 @@
 //! Everything random is a function of saved state: the data order of
 //! [`crate::data::DataPosition`] and the trainer's own SplitMix64 stream (`rng_state`) that
 //! seeds each micro-batch's LoRA-dropout masks. A checkpoint stores both, the adapter, the
-//! optimizer state and the step, so a resumed run takes bit-identical steps.
+//! optimizer state and the step, so a resumed run takes bit-identical steps on the CPU. On the
+//! GPU the LoRA-gradient kernels sum with f32 atomics, so runs (and resumes) agree to f32
+//! rounding, not bit for bit.
+//!
+//! # Devices
+//! [`Trainer`] is generic over [`TrainBackend`]: `Trainer::new` / `resume` run on the CPU
+//! (the f32 reference, CPU AdamW); `Trainer::new_on(CudaBackend::new()?, config)` runs the
+//! same loop on the GPU (bf16 compute, f32 adapter arenas, `GpuAdamW`, paged for the
+//! `paged_*` optimizers). The `device` key (`auto`, `cuda`, `cpu`) is resolved by the caller
+//! (`qlora train`); checkpoints are the same files on both, so a run may resume on the other.
 
 mod backend;
 mod checkpoint;
