@@ -173,6 +173,20 @@ impl<B: Backend> Backend for Timed<B> {
     fn frozen(&self, name: &str, w: FrozenWeight, out: usize, inp: usize) -> Result<B::Frozen> {
         self.inner.frozen(name, w, out, inp)
     }
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_frozen(
+        &self,
+        name: &str,
+        data: Vec<f32>,
+        out: usize,
+        inp: usize,
+        qb: usize,
+        double_quant: bool,
+        dtype: qlora_nf4::Dtype,
+    ) -> Result<B::Frozen> {
+        self.inner
+            .quantize_frozen(name, data, out, inp, qb, double_quant, dtype)
+    }
     fn frozen_to_f32(&self, w: &B::Frozen) -> Vec<f32> {
         self.inner.frozen_to_f32(w)
     }

@@ -310,6 +310,23 @@ impl Backend for PlanBackend {
             in_features: inp,
         })
     }
+    /// Shapes only: nothing is quantized.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_frozen(
+        &self,
+        _name: &str,
+        _data: Vec<f32>,
+        out: usize,
+        inp: usize,
+        _qb: usize,
+        _double_quant: bool,
+        _dtype: qlora_nf4::Dtype,
+    ) -> Result<PlanFrozen> {
+        Ok(PlanFrozen {
+            out_features: out,
+            in_features: inp,
+        })
+    }
     /// A dry-run weight holds no values: zeros of its shape.
     fn frozen_to_f32(&self, w: &PlanFrozen) -> Vec<f32> {
         vec![0.0; w.out_features * w.in_features]
