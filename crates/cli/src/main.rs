@@ -31,6 +31,8 @@ enum Command {
     Eval(cmd::eval::Args),
     Merge(cmd::merge::Args),
     Generate(cmd::generate::Args),
+    Memory(cmd::memory::Args),
+    Bench(cmd::bench::Args),
 }
 
 fn main() {
@@ -52,6 +54,8 @@ fn main() {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Merge(a) => cmd::merge::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Memory(a) => cmd::memory::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", report(&e));

@@ -24,6 +24,7 @@
 //! | N | rows of a linear op, = B·T |
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
@@ -32,6 +33,7 @@ pub mod error;
 pub mod eval;
 pub mod lora;
 pub mod model;
+pub mod plan;
 pub mod schedule;
 mod st;
 pub mod trainer;

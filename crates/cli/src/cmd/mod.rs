@@ -1,7 +1,9 @@
+pub mod bench;
 pub mod dequantize;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod memory;
 pub mod merge;
 pub mod quantize;
 pub mod train;

@@ -1,0 +1,310 @@
+use anyhow::{bail, Context, Result};
+use qlora_train::bench::{self, AdapterOptimizer, BenchOptions, BenchTimes, Timed};
+use qlora_train::plan::{self, DeviceDtype, MemoryPlan, PlanDevice, PlanRequest};
+use qlora_train::{Backend, BaseFormat, CpuBackend, LoraConfig, ModelConfig, TargetModules};
+use std::path::PathBuf;
+
+/// Time training steps (forward + backward + AdamW) on a model of real shapes with random
+/// weights: tokens/s, ms per step by op class, MFU and peak memory next to the planner's
+/// prediction. Nothing is downloaded.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A named shape: llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, llama3-70b, tiny.
+    #[arg(long, conflicts_with = "model")]
+    pub shape: Option<String>,
+    /// Take the shapes from this model directory's config.json (weights are not read).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Tokens per sequence (T).
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Sequences per step (B).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// LoRA rank (alpha = 2·rank).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Comma-separated module names or all-linear.
+    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
+    pub target_modules: Vec<String>,
+    /// Keep every layer's activations (checkpointing is on by default).
+    #[arg(long)]
+    pub no_gradient_checkpointing: bool,
+    /// adamw32 or adamw8.
+    #[arg(long, default_value = "adamw32")]
+    pub optimizer: String,
+    /// Optimizer state in CUDA managed memory, paged per the trainer's default policy (as
+    /// bitsandbytes' paged_adamw_32bit of the baseline).
+    #[arg(long)]
+    pub paged: bool,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed steps (the tokens/s headline; no synchronize between ops).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Profiled steps (synchronize after every op, time per op class).
+    #[arg(long, default_value_t = 1)]
+    pub profile_steps: usize,
+    /// cuda or cpu.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Peak dense TFLOP/s for MFU [default: 989 (H100 SXM bf16) on cuda; none on cpu].
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Random seed of the weights and tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Setup {
+    name: String,
+    config: ModelConfig,
+    lora: LoraConfig,
+    adamw: plan::AdamWConfig,
+    /// The trainer's optimizer name (`adamw`, `paged_adamw_32bit`, …).
+    optim: String,
+    opts: BenchOptions,
+}
+
+fn setup(a: &Args) -> Result<Setup> {
+    let (name, config) = match (&a.model, &a.shape) {
+        (Some(dir), _) => (
+            dir.display().to_string(),
+            ModelConfig::from_dir(dir).with_context(|| format!("--model {}", dir.display()))?,
+        ),
+        (None, s) => {
+            let s = s.as_deref().unwrap_or("llama3-8b");
+            (s.to_string(), plan::shapes::shape(s)?)
+        }
+    };
+    for (flag, v) in [
+        ("--seq-len", a.seq_len),
+        ("--batch-size", a.batch_size),
+        ("--rank", a.rank),
+        ("--steps", a.steps),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    let (state_bits, optim) = match (a.optimizer.as_str(), a.paged) {
+        ("adamw32", false) => (plan::StateBits::Full32, "adamw"),
+        ("adamw32", true) => (plan::StateBits::Full32, "paged_adamw_32bit"),
+        ("adamw8", false) => (plan::StateBits::Blockwise8, "adamw_8bit"),
+        ("adamw8", true) => (plan::StateBits::Blockwise8, "paged_adamw_8bit"),
+        (o, _) => bail!("--optimizer `{o}` (expected adamw32 or adamw8)"),
+    };
+    let lr = 2e-4;
+    let target_modules = if a.target_modules.iter().any(|t| t == "all-linear") {
+        TargetModules::AllLinear
+    } else {
+        TargetModules::List(a.target_modules.clone())
+    };
+    Ok(Setup {
+        name,
+        config,
+        lora: LoraConfig {
+            r: a.rank,
+            lora_alpha: 2.0 * a.rank as f64,
+            target_modules,
+            ..LoraConfig::default()
+        },
+        adamw: plan::AdamWConfig {
+            lr,
+            state_bits,
+            ..plan::AdamWConfig::default()
+        },
+        optim: optim.to_string(),
+        opts: BenchOptions {
+            warmup: a.warmup,
+            steps: a.steps,
+            profile_steps: a.profile_steps,
+            checkpointing: !a.no_gradient_checkpointing,
+            lr,
+            seed: a.seed,
+        },
+    })
+}
+
+/// Build the random model and adapter on `be`, run the steps. `make_opt` builds the backend's
+/// optimizer for the adapter arena; `measured_peak` reads the backend's peak memory afterwards
+/// (`(bytes, how it was measured)`).
+fn bench_on<B: Backend, O: AdapterOptimizer<B>>(
+    s: &Setup,
+    a: &Args,
+    be: B,
+    make_opt: impl FnOnce(&Timed<B>, &qlora_train::Adapter<Timed<B>>) -> Result<O>,
+    measured_peak: impl FnOnce(&B) -> Option<(u64, &'static str)>,
+) -> Result<(BenchTimes, Option<(u64, &'static str)>)> {
+    let timed = Timed::new(be, s.config.vocab_size);
+    let model = bench::random_model(&timed, &s.config, s.opts.seed)?;
+    let mut adapter = bench::random_adapter(&timed, &s.config, &s.lora, s.opts.seed ^ 1)?;
+    let mut opt = make_opt(&timed, &adapter)?;
+    let batch = bench::random_batch(&s.config, a.batch_size, a.seq_len, s.opts.seed ^ 2)?;
+    let times = bench::run(&timed, &model, &mut adapter, &mut opt, &batch, &s.opts)?;
+    let peak = measured_peak(&timed.inner);
+    Ok((times, peak))
+}
+
+fn report(
+    s: &Setup,
+    a: &Args,
+    t: &BenchTimes,
+    plan: &MemoryPlan,
+    peak: Option<(u64, &str)>,
+    peak_tflops: Option<f64>,
+) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut out = format!(
+        "bench: {} on {}, B {} × T {}, LoRA r {} ({} trainable), checkpointing {}, {} timed \
+         steps after {} warm-up\n",
+        s.name,
+        t.backend,
+        a.batch_size,
+        a.seq_len,
+        a.rank,
+        plan.trainable_params,
+        if s.opts.checkpointing { "on" } else { "off" },
+        t.steps,
+        s.opts.warmup
+    );
+    out += &format!(
+        "tokens/s {:.1}   ms/step {:.2}   loss {:.4} → {:.4}\n",
+        t.tokens_per_s, t.ms_per_step, t.first_loss, t.last_loss
+    );
+    match peak_tflops {
+        Some(p) => {
+            let achieved = t.model_flops_per_step / (t.ms_per_step / 1e3) / 1e12;
+            out += &format!(
+                "MFU {:.1}% ({achieved:.1} of {p} TFLOP/s; {})\n",
+                100.0 * achieved / p,
+                bench::MFU_CONVENTION
+            );
+        }
+        None => out += "MFU: no peak TFLOP/s given (--peak-tflops)\n",
+    }
+    if !t.profile.is_empty() {
+        out += &format!(
+            "profile ({} step(s), synchronize after every op; {:.2} ms/step in all):\n",
+            s.opts.profile_steps, t.profiled_ms_per_step
+        );
+        for r in &t.profile {
+            out += &format!(
+                "  {:<10} {:>10.3} ms  {:>5.1}%  {:>6} calls\n",
+                r.class,
+                r.ms_per_step,
+                100.0 * r.ms_per_step / t.profiled_ms_per_step,
+                r.calls_per_step
+            );
+        }
+    }
+    let planned = plan.total;
+    match peak {
+        Some((m, how)) => {
+            out += &format!(
+                "peak memory: measured {:.2} GiB ({how}), planned {:.2} GiB ({:+.1}%)",
+                gib(m),
+                gib(planned),
+                100.0 * (planned as f64 - m as f64) / m as f64
+            )
+        }
+        None => {
+            out += &format!(
+                "peak memory: planned {:.2} GiB (not measured)",
+                gib(planned)
+            )
+        }
+    }
+    out
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let s = setup(&a)?;
+    let device = match a.device.as_str() {
+        "cuda" => PlanDevice::Cuda,
+        "cpu" => PlanDevice::Cpu,
+        o => bail!("--device `{o}` (expected cuda or cpu)"),
+    };
+    let plan = plan::plan(&PlanRequest {
+        model: s.config.clone(),
+        lora: s.lora.clone(),
+        base: BaseFormat::QLORA,
+        device,
+        dtype: match device {
+            PlanDevice::Cuda => DeviceDtype::Bf16,
+            PlanDevice::Cpu => DeviceDtype::F32,
+        },
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        checkpointing: s.opts.checkpointing,
+        adamw: s.adamw.clone(),
+        paged: a.paged,
+        caching_pool: true,
+    })?;
+    let (times, peak, peak_tflops) = match device {
+        PlanDevice::Cpu => {
+            let adamw = s.adamw.clone();
+            let (t, p) = bench_on(
+                &s,
+                &a,
+                CpuBackend::<f32>::new(),
+                |_, adapter| Ok(bench::host_adamw(&adapter.layout, adamw)?),
+                |_| bench::process_peak_rss().map(|b| (b, "process peak RSS, VmHWM")),
+            )?;
+            (t, p, a.peak_tflops)
+        }
+        PlanDevice::Cuda => {
+            let be = qlora_train::CudaBackend::new().context("--device cuda")?;
+            let (adamw, optim) = (s.adamw.clone(), s.optim.clone());
+            let next_need = plan.step_bytes();
+            let (t, p) = bench_on(
+                &s,
+                &a,
+                be,
+                |timed, adapter| {
+                    Ok(bench::TrainerOptimizer::new(
+                        &timed.inner,
+                        &adapter.layout,
+                        adamw,
+                        &optim,
+                        next_need,
+                    )?)
+                },
+                |be| {
+                    be.synchronize().ok()?;
+                    let (free, total) = be.device().mem_info().ok()?;
+                    Some((
+                        (total - free) as u64,
+                        "cudaMemGetInfo used after the run: CUDA context + the caching pool, \
+                         which keeps every block it ever handed out (its high-water)",
+                    ))
+                },
+            )?;
+            (t, p, a.peak_tflops.or(Some(bench::H100_SXM_BF16_TFLOPS)))
+        }
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&times)?;
+        v["model"] = s.name.clone().into();
+        v["batch_size"] = a.batch_size.into();
+        v["seq_len"] = a.seq_len.into();
+        v["rank"] = a.rank.into();
+        v["checkpointing"] = s.opts.checkpointing.into();
+        v["planned_peak_bytes"] = plan.total.into();
+        v["measured_peak_bytes"] = peak.map(|p| p.0).into();
+        v["measured_peak_source"] = peak.map(|p| p.1).into();
+        v["peak_tflops"] = peak_tflops.into();
+        v["mfu"] = peak_tflops
+            .map(|p| times.model_flops_per_step / (times.ms_per_step / 1e3) / 1e12 / p)
+            .into();
+        v["mfu_convention"] = bench::MFU_CONVENTION.into();
+        println!("{v}");
+    } else {
+        println!("{}", report(&s, &a, &times, &plan, peak, peak_tflops));
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+use anyhow::{bail, Context, Result};
+use qlora_train::plan::{self, DeviceDtype, MemoryPlan, PlanDevice, PlanRequest};
+use qlora_train::{BaseFormat, LoraConfig, ModelConfig, TargetModules};
+use std::path::PathBuf;
+
+/// Predict the peak device memory of a QLoRA training step, line by line, from the same
+/// planner the trainer allocates from (no GPU needed, nothing loaded but config.json).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory (its config.json is read; the weights are not).
+    #[arg(long, conflicts_with = "shape")]
+    pub model: Option<PathBuf>,
+    /// A named shape: llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, llama3-70b, tiny.
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// Tokens per sequence (T).
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Sequences per micro-batch (B).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Comma-separated module names (q_proj,v_proj,…) or all-linear.
+    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
+    pub target_modules: Vec<String>,
+    /// Save only each layer's input and recompute the layer in backward (the default).
+    #[arg(long, overrides_with = "no_gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
+    /// Keep every layer's activations instead.
+    #[arg(long, overrides_with = "gradient_checkpointing")]
+    pub no_gradient_checkpointing: bool,
+    /// adamw32 (f32 m, v) or adamw8 (bitsandbytes' blockwise 8-bit state).
+    #[arg(long, default_value = "adamw32")]
+    pub optimizer: String,
+    /// Optimizer state in managed memory, paged to the host between updates.
+    #[arg(long)]
+    pub paged: bool,
+    /// cuda or cpu.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Activation and 16-bit weight dtype: bf16 or f32 [default: bf16 on cuda, f32 on cpu].
+    #[arg(long)]
+    pub device_dtype: Option<String>,
+    /// nf4 (QLoRA: blocksize 64, double quant) or dense frozen projections.
+    #[arg(long, default_value = "nf4")]
+    pub base: String,
+    /// Predict for one planned device arena instead of today's caching pool (CUDA).
+    #[arg(long)]
+    pub planned_arena: bool,
+    /// Print the plan as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The plan request the arguments describe, and the model's name for the report.
+pub fn request(a: &Args) -> Result<(String, PlanRequest)> {
+    let (name, model) = match (&a.model, &a.shape) {
+        (Some(dir), _) => (
+            dir.display().to_string(),
+            ModelConfig::from_dir(dir).with_context(|| format!("--model {}", dir.display()))?,
+        ),
+        (None, Some(s)) => (s.clone(), plan::shapes::shape(s)?),
+        (None, None) => bail!("give --model DIR or --shape NAME"),
+    };
+    if a.seq_len == 0 {
+        bail!("--seq-len must be at least 1");
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if a.rank == 0 {
+        bail!("--rank must be at least 1");
+    }
+    let device = match a.device.as_str() {
+        "cuda" => PlanDevice::Cuda,
+        "cpu" => PlanDevice::Cpu,
+        o => bail!("--device `{o}` (expected cuda or cpu)"),
+    };
+    let dtype = match (a.device_dtype.as_deref(), device) {
+        (None, PlanDevice::Cuda) | (Some("bf16"), _) => DeviceDtype::Bf16,
+        (None, PlanDevice::Cpu) | (Some("f32"), _) => DeviceDtype::F32,
+        (Some(o), _) => bail!("--device-dtype `{o}` (expected bf16 or f32)"),
+    };
+    let state_bits = match a.optimizer.as_str() {
+        "adamw32" => plan::StateBits::Full32,
+        "adamw8" => plan::StateBits::Blockwise8,
+        o => bail!("--optimizer `{o}` (expected adamw32 or adamw8)"),
+    };
+    let adamw = plan::AdamWConfig {
+        state_bits,
+        ..plan::AdamWConfig::default()
+    };
+    let base = match a.base.as_str() {
+        "nf4" => BaseFormat::QLORA,
+        "dense" => BaseFormat::Dense,
+        o => bail!("--base `{o}` (expected nf4 or dense)"),
+    };
+    let target_modules = if a.target_modules.iter().any(|t| t == "all-linear") {
+        TargetModules::AllLinear
+    } else {
+        TargetModules::List(a.target_modules.clone())
+    };
+    let lora = LoraConfig {
+        r: a.rank,
+        lora_alpha: 2.0 * a.rank as f64,
+        target_modules,
+        ..LoraConfig::default()
+    };
+    Ok((
+        name,
+        PlanRequest {
+            model,
+            lora,
+            base,
+            device,
+            dtype,
+            batch_size: a.batch_size,
+            seq_len: a.seq_len,
+            checkpointing: !a.no_gradient_checkpointing,
+            adamw,
+            paged: a.paged,
+            caching_pool: !a.planned_arena,
+        },
+    ))
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2}", b as f64 / (1u64 << 30) as f64)
+}
+
+/// The plan as a table: one line per part, GiB with 2 decimals and exact bytes.
+pub fn table(name: &str, req: &PlanRequest, p: &MemoryPlan) -> String {
+    let mut s = format!(
+        "memory plan: {name} on {:?} ({:?}), B {} × T {}, LoRA r {} ({} trainable), \
+         checkpointing {}, {}{}\n",
+        p.device,
+        p.dtype,
+        p.batch_size,
+        p.seq_len,
+        req.lora.r,
+        p.trainable_params,
+        if p.checkpointing { "on" } else { "off" },
+        match req.adamw.state_bits {
+            plan::StateBits::Full32 => "AdamW 32-bit",
+            plan::StateBits::Blockwise8 => "AdamW 8-bit",
+        },
+        if req.paged { " (paged)" } else { "" },
+    );
+    s += &format!("{:<44} {:>9} {:>16}\n", "", "GiB", "bytes");
+    for (label, bytes) in p.lines() {
+        s += &format!("{label:<44} {:>9} {bytes:>16}\n", gib(bytes));
+    }
+    s += &format!(
+        "{:<44} {:>9} {:>16}\n",
+        "total (predicted peak)",
+        gib(p.total),
+        p.total
+    );
+    s += &format!(
+        "step arena: {} bytes, peak during {}; the loss's logits + lse ({} GiB) are live \
+         earlier, inside the same arena",
+        p.arena_high_water,
+        p.peak_phase.name(),
+        gib(p.loss_working_set)
+    );
+    if req.paged {
+        s += "; paged optimizer state is off the device during forward/backward but counts \
+              at the update (the step arena stays allocated)";
+    }
+    s
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (name, req) = request(&a)?;
+    let p = plan::plan(&req)?;
+    if a.json {
+        let mut v = serde_json::to_value(&p)?;
+        v["model"] = serde_json::Value::String(name);
+        v["rank"] = req.lora.r.into();
+        v["paged"] = req.paged.into();
+        println!("{v}");
+    } else {
+        println!("{}", table(&name, &req, &p));
+    }
+    Ok(())
+}
