@@ -299,7 +299,7 @@ fn print_summary(s: &Summary, c: &TrainConfig) {
     }
     println!(
         "memory     predicted peak {}: base {} ({}), adapter + grads + optimizer {}, \
-         activations of one {}×{} micro-batch {}",
+         activations of one {}×{} micro-batch {}{}",
         human_bytes(s.memory.total() as u64),
         human_bytes(s.memory.base as u64),
         match (s.device.starts_with("cpu"), s.nf4_base) {
@@ -311,7 +311,12 @@ fn print_summary(s: &Summary, c: &TrainConfig) {
         human_bytes(s.memory.adapter as u64),
         c.batch_size,
         trainer_seq_len(c, s),
-        human_bytes(s.memory.activations as u64)
+        human_bytes(s.memory.activations as u64),
+        if s.memory.context > 0 {
+            format!(", CUDA context {}", human_bytes(s.memory.context as u64))
+        } else {
+            String::new()
+        }
     );
     println!(
         "data       {} examples, {} tokens ({} trained on); eval {} examples",

@@ -76,9 +76,9 @@ pub struct Summary {
     pub adapter_from: Option<PathBuf>,
 }
 
-/// Predicted memory of a training run, in bytes, from the same buffer shapes the schedule
-/// allocates (a micro-batch of `batch_size × max_seq_len`, the worst case), as the backend
-/// holds them ([`TrainBackend::memory_estimate`]).
+/// Predicted peak memory of a training run, in bytes: the memory planner's lines
+/// ([`crate::plan::plan`], the schedule dry-run on the backend's layout) grouped for the
+/// start-of-run summary, for a micro-batch of `batch_size × max_seq_len` (the worst case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryEstimate {
     /// Frozen base as held (the CPU keeps an f32 compute copy of every projection beside its
@@ -86,13 +86,51 @@ pub struct MemoryEstimate {
     pub base: usize,
     /// Adapter parameters + gradients + optimizer state.
     pub adapter: usize,
-    /// Saved activations, backward scratch and the (N, V) logits of one micro-batch.
+    /// The step arena (saved activations, backward scratch, the loss's logits) and, on CUDA,
+    /// the cuBLASLt/dequantize workspace and the caching pool's rounding.
     pub activations: usize,
+    /// CUDA: the context the driver holds (a stated constant); 0 on the CPU.
+    pub context: usize,
+}
+
+/// The planner's prediction for this run. `lora` is the adapter's own configuration (fresh,
+/// `init_adapter` or checkpoint).
+fn memory_estimate<B: TrainBackend>(
+    be: &B,
+    model: &Model<B>,
+    lora: &crate::LoraConfig,
+    config: &TrainConfig,
+    data: &DataConfig,
+) -> Result<MemoryEstimate> {
+    let (device, dtype, caching_pool) = be.plan_target();
+    let plan = crate::plan::plan(&crate::plan::PlanRequest {
+        model: model.config.clone(),
+        lora: lora.clone(),
+        base: if model.nf4_base {
+            crate::BaseFormat::QLORA
+        } else {
+            crate::BaseFormat::Dense
+        },
+        device,
+        dtype,
+        batch_size: data.batch_size,
+        seq_len: data.max_seq_len,
+        checkpointing: config.gradient_checkpointing,
+        adamw: config.adamw_config()?,
+        paged: config.optim.starts_with("paged_"),
+        caching_pool,
+    })?;
+    Ok(MemoryEstimate {
+        base: plan.base_bytes() as usize,
+        adapter: plan.adapter_bytes() as usize,
+        activations: (plan.step_bytes() + plan.workspace + plan.pool_overhead) as usize,
+        context: plan.cuda_context as usize,
+    })
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> usize {
-        self.base + self.adapter + self.activations
+        self.base + self.adapter + self.activations + self.context
     }
 }
 
@@ -237,6 +275,7 @@ impl<B: TrainBackend> Trainer<B> {
             }
         };
         let adapter = Adapter::new(&be, &weights);
+        let adapter_lora = weights.config.clone();
         be.synchronize()?;
         let host_opt = AdamW::new(arena_layout(&adapter)?, config.adamw_config()?)?;
         let batcher = data::Batcher::new(&train, &data_config)?;
@@ -259,13 +298,7 @@ impl<B: TrainBackend> Trainer<B> {
                 .max(1.0) as u64
         };
         let schedule = config.schedule(total_steps)?;
-        let memory = be.memory_estimate(
-            &model,
-            &adapter,
-            host_opt.state_bytes(),
-            &data_config,
-            config.gradient_checkpointing,
-        );
+        let memory = memory_estimate(&be, &model, &adapter_lora, &config, &data_config)?;
         let optimizer_bytes = host_opt.state_bytes();
         let opt = be.optimizer(host_opt, &config, memory.activations as u64)?;
         let summary = Summary {
