@@ -238,6 +238,25 @@ impl<T: Elem> Buf<T> {
     pub fn slice(&self, start: usize, len: usize) -> View<'_, T> {
         self.view().slice(start, len)
     }
+    /// A writable range of a buffer shared by several owners that each hold a disjoint
+    /// range (a sub-allocating arena): `ViewMut` carries only a device address, so this is
+    /// about the kernels' data races, not Rust aliasing.
+    ///
+    /// # Safety
+    /// No other view of an overlapping range may be written, or read by queued work that is
+    /// not stream-ordered before the writes through this view.
+    pub unsafe fn slice_mut_shared(&self, start: usize, len: usize) -> ViewMut<'_, T> {
+        assert!(
+            start + len <= self.len,
+            "slice {start}+{len} of {}",
+            self.len
+        );
+        ViewMut {
+            ptr: self.ptr + (start * std::mem::size_of::<T>()) as u64,
+            len,
+            _t: PhantomData,
+        }
+    }
     pub fn slice_mut(&mut self, start: usize, len: usize) -> ViewMut<'_, T> {
         assert!(
             start + len <= self.len,

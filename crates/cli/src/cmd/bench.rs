@@ -243,7 +243,7 @@ pub fn run(a: Args) -> Result<()> {
         checkpointing: s.opts.checkpointing,
         adamw: s.adamw.clone(),
         paged: a.paged,
-        caching_pool: true,
+        caching_pool: false,
     })?;
     let (times, peak, peak_tflops) = match device {
         PlanDevice::Cpu => {
@@ -266,6 +266,11 @@ pub fn run(a: Args) -> Result<()> {
                 &a,
                 be,
                 |timed, adapter| {
+                    // As the trainer: the planned step arena once the model and adapter are
+                    // resident.
+                    timed.inner.reserve_step_arena(
+                        (plan.step_bytes() + qlora_train::trainer::CUDA_STEP_ARENA_SLACK) as usize,
+                    )?;
                     Ok(bench::TrainerOptimizer::new(
                         &timed.inner,
                         &adapter.layout,
@@ -279,8 +284,8 @@ pub fn run(a: Args) -> Result<()> {
                     let (free, total) = be.device().mem_info().ok()?;
                     Some((
                         (total - free) as u64,
-                        "cudaMemGetInfo used after the run: CUDA context + the caching pool, \
-                         which keeps every block it ever handed out (its high-water)",
+                        "cudaMemGetInfo used after the run: CUDA context + the caching pool \
+                         (resident tensors, the step arena, every block it ever handed out)",
                     ))
                 },
             )?;

@@ -46,9 +46,10 @@ pub struct Args {
     /// nf4 (QLoRA: blocksize 64, double quant) or dense frozen projections.
     #[arg(long, default_value = "nf4")]
     pub base: String,
-    /// Predict for one planned device arena instead of today's caching pool (CUDA).
+    /// Predict step buffers served by qlora-cuda's caching pool (size classes, per-class
+    /// reuse) instead of the planned step arena the trainer reserves (CUDA).
     #[arg(long)]
-    pub planned_arena: bool,
+    pub caching_pool: bool,
     /// Print the plan as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -121,7 +122,7 @@ pub fn request(a: &Args) -> Result<(String, PlanRequest)> {
             checkpointing: !a.no_gradient_checkpointing,
             adamw,
             paged: a.paged,
-            caching_pool: !a.planned_arena,
+            caching_pool: a.caching_pool,
         },
     ))
 }

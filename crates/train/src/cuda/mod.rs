@@ -24,7 +24,14 @@
 //!
 //! # Allocation
 //! Every activation, saved buffer and scratch goes through ONE private function,
-//! `CudaBackend::allocate` (private), so that a planned arena can replace the caching pool there.
+//! `CudaBackend::allocate`. Before the first step the trainer reserves the step arena the
+//! memory planner computed ([`CudaBackend::reserve_step_arena`], [`crate::plan`]): one device
+//! allocation whose blocks are placed by the same deterministic [`ArenaPlanner`] the planner
+//! ran over the same schedule, so the step's buffers land at the planned offsets and fit by
+//! construction. What the plan did not model (per-call id uploads, an eval batch of another
+//! shape) takes a free gap or, when none is large enough, the caching pool; those fallbacks are
+//! counted ([`CudaBackend::arena_fallbacks`]). Blocks are freed on drop while kernels may still
+//! be queued: every op runs on the one main stream, so reuse is stream-ordered, as with the pool.
 //!
 //! # Limits (typed errors, never wrong results)
 //! Attention runs without a KV-cache offset (training and full-sequence evaluation: `Tq = Tk`);
@@ -32,6 +39,7 @@
 
 mod linear;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use half::bf16;
@@ -45,6 +53,7 @@ use qlora_cuda::{CudaError, Device, Elem, View, ViewMut};
 use crate::backend::{AttnDims, Backend, FrozenWeight, LinearDims, LoraArgs, RopeDims};
 use crate::cpu::cross_entropy::IGNORE_INDEX;
 use crate::error::{Result, TrainError};
+use crate::plan::{ArenaPlanner, ARENA_ALIGN};
 
 /// Result of the device-side work of one op.
 type CResult<T> = std::result::Result<T, CudaError>;
@@ -78,9 +87,9 @@ impl Dtype {
 
 /// A device buffer of `len` elements of `dtype` (see the module docs).
 pub struct CudaBuf {
-    /// `len · dtype.size()` bytes from the device pool; `None` only when the allocation
-    /// failed (the error is pending on the backend).
-    mem: Option<qlora_cuda::Buf<u8>>,
+    /// `len · dtype.size()` bytes from the step arena or the device pool; `None` only when the
+    /// allocation failed (the error is pending on the backend).
+    mem: Option<Mem>,
     len: usize,
     dtype: Dtype,
 }
@@ -97,6 +106,34 @@ impl CudaBuf {
     }
 }
 
+/// Where a buffer's bytes live.
+enum Mem {
+    /// Its own allocation from the device's caching pool.
+    Pool(qlora_cuda::Buf<u8>),
+    /// A block of the step arena, returned to the arena's planner on drop.
+    Arena(ArenaBlock),
+}
+
+/// One planned device allocation for the buffers of a training step.
+struct StepArena {
+    /// `(capacity,)` u8 on the device.
+    mem: qlora_cuda::Buf<u8>,
+    planner: Mutex<ArenaPlanner>,
+}
+
+struct ArenaBlock {
+    arena: Arc<StepArena>,
+    offset: usize,
+    bytes: usize,
+}
+
+impl Drop for ArenaBlock {
+    fn drop(&mut self) {
+        let mut p = self.arena.planner.lock().unwrap_or_else(|e| e.into_inner());
+        p.free(self.offset);
+    }
+}
+
 fn bad(op: &str, arg: &str, msg: impl Into<String>) -> CudaError {
     CudaError::BadArg {
         op: op.into(),
@@ -107,19 +144,26 @@ fn bad(op: &str, arg: &str, msg: impl Into<String>) -> CudaError {
 
 /// The whole buffer as raw bytes.
 fn raw<'a>(b: &'a CudaBuf, op: &str, arg: &str) -> CResult<View<'a, u8>> {
-    let m = b
-        .mem
-        .as_ref()
-        .ok_or_else(|| bad(op, arg, "holds no memory (its allocation failed)"))?;
-    Ok(m.view().slice(0, b.len * b.dtype.size()))
+    let bytes = b.len * b.dtype.size();
+    match b.mem.as_ref() {
+        Some(Mem::Pool(m)) => Ok(m.view().slice(0, bytes)),
+        Some(Mem::Arena(a)) => Ok(a.arena.mem.slice(a.offset, bytes)),
+        None => Err(bad(op, arg, "holds no memory (its allocation failed)")),
+    }
 }
 fn raw_mut<'a>(b: &'a mut CudaBuf, op: &str, arg: &str) -> CResult<ViewMut<'a, u8>> {
     let bytes = b.len * b.dtype.size();
-    let m = b
-        .mem
-        .as_mut()
-        .ok_or_else(|| bad(op, arg, "holds no memory (its allocation failed)"))?;
-    Ok(m.slice_mut(0, bytes))
+    match b.mem.as_mut() {
+        Some(Mem::Pool(m)) => Ok(m.slice_mut(0, bytes)),
+        Some(Mem::Arena(a)) => {
+            debug_assert!(bytes <= a.bytes);
+            // SAFETY: the arena's planner hands out disjoint live blocks and this block is
+            // owned by `b`, borrowed mutably here; freed blocks are reused only by work queued
+            // later on the same stream.
+            Ok(unsafe { a.arena.mem.slice_mut_shared(a.offset, bytes) })
+        }
+        None => Err(bad(op, arg, "holds no memory (its allocation failed)")),
+    }
 }
 fn check_dtype<T: Elem>(b: &CudaBuf, op: &str, arg: &str) -> CResult<()> {
     if b.dtype.suffix() != T::SUFFIX {
@@ -218,6 +262,10 @@ pub struct CudaBackend {
     dispatch: Dispatch,
     /// The first error since the last `synchronize` (sticky: later ops are skipped).
     error: Mutex<Option<TrainError>>,
+    /// The planned step arena, once reserved.
+    arena: Mutex<Option<Arc<StepArena>>>,
+    /// Allocations the arena could not place (served by the pool instead).
+    arena_fallbacks: AtomicUsize,
 }
 
 impl CudaBackend {
@@ -234,7 +282,72 @@ impl CudaBackend {
             dev,
             dispatch: Dispatch::default(),
             error: Mutex::new(None),
+            arena: Mutex::new(None),
+            arena_fallbacks: AtomicUsize::new(0),
         }
+    }
+
+    /// Reserve the step arena: one device allocation of `bytes` (the planner's
+    /// `arena_high_water` plus slack for what it does not model) from which every later
+    /// [`Backend::zeros`]/[`Backend::upload`] is placed while it has room. Call it after the
+    /// model and the adapter are resident (they are not step buffers) and before the first
+    /// step. Reserving again replaces the arena (its live blocks keep the old one alive).
+    pub fn reserve_step_arena(&self, bytes: usize) -> Result<()> {
+        let mem = self
+            .dev
+            .alloc::<u8>(bytes.max(1), "step arena")
+            .map_err(|e| TrainError::Device {
+                op: "reserve_step_arena".into(),
+                msg: e.to_string(),
+            })?;
+        *self.arena.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(StepArena {
+            mem,
+            planner: Mutex::new(ArenaPlanner::new()),
+        }));
+        Ok(())
+    }
+
+    /// Bytes of the reserved step arena (0 without one) and its high-water mark so far.
+    pub fn step_arena_usage(&self) -> (usize, usize) {
+        match &*self.arena.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(a) => (
+                a.mem.len(),
+                a.planner
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .high_water(),
+            ),
+            None => (0, 0),
+        }
+    }
+
+    /// Allocations that did not fit the step arena and came from the caching pool.
+    pub fn arena_fallbacks(&self) -> usize {
+        self.arena_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// A block of `bytes` from the step arena, if one is reserved and has room.
+    fn arena_block(&self, bytes: usize) -> Option<ArenaBlock> {
+        let arena = self
+            .arena
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let offset = {
+            let mut p = arena.planner.lock().unwrap_or_else(|e| e.into_inner());
+            let off = p.alloc(bytes, ARENA_ALIGN);
+            if off + bytes > arena.mem.len() {
+                p.free(off);
+                self.arena_fallbacks.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            off
+        };
+        Some(ArenaBlock {
+            arena,
+            offset,
+            bytes,
+        })
     }
 
     pub fn device(&self) -> &Arc<Device> {
@@ -266,17 +379,23 @@ impl CudaBackend {
 
     /// THE allocation path of every activation, saved buffer and scratch buffer of this
     /// backend (`zeros`, `upload`, per-op scratch): `len` elements of `dtype`, zero-filled when
-    /// `zero` (queued on the main stream). The one place a planned arena replaces the pool.
+    /// `zero` (queued on the main stream): a block of the step arena when one is reserved and
+    /// has room, else the caching pool.
     fn allocate(&self, dtype: Dtype, len: usize, zero: bool, what: &str) -> CResult<CudaBuf> {
-        let mut mem = self.dev.alloc::<u8>(len * dtype.size(), what)?;
-        if zero {
-            self.dev.memset_zero(&mut mem.view_mut())?;
-        }
-        Ok(CudaBuf {
+        let bytes = len * dtype.size();
+        let mem = match (bytes > 0).then(|| self.arena_block(bytes)).flatten() {
+            Some(block) => Mem::Arena(block),
+            None => Mem::Pool(self.dev.alloc::<u8>(bytes, what)?),
+        };
+        let mut b = CudaBuf {
             mem: Some(mem),
             len,
             dtype,
-        })
+        };
+        if zero {
+            self.dev.memset_zero(&mut raw_mut(&mut b, what, "zeros")?)?;
+        }
+        Ok(b)
     }
 
     /// [`CudaBackend::allocate`] for the trait's infallible constructors: on failure the error

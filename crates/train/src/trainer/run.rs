@@ -91,6 +91,8 @@ pub struct MemoryEstimate {
     pub activations: usize,
     /// CUDA: the context the driver holds (a stated constant); 0 on the CPU.
     pub context: usize,
+    /// The step arena the backend reserves before the first step (part of `activations`).
+    pub step_arena: usize,
 }
 
 /// The planner's prediction for this run. `lora` is the adapter's own configuration (fresh,
@@ -120,11 +122,13 @@ fn memory_estimate<B: TrainBackend>(
         paged: config.optim.starts_with("paged_"),
         caching_pool,
     })?;
+    let arena = plan.step_bytes() + be.step_arena_slack();
     Ok(MemoryEstimate {
         base: plan.base_bytes() as usize,
         adapter: plan.adapter_bytes() as usize,
-        activations: (plan.step_bytes() + plan.workspace + plan.pool_overhead) as usize,
+        activations: (arena + plan.workspace + plan.pool_overhead) as usize,
         context: plan.cuda_context as usize,
+        step_arena: arena as usize,
     })
 }
 
@@ -301,6 +305,8 @@ impl<B: TrainBackend> Trainer<B> {
         let memory = memory_estimate(&be, &model, &adapter_lora, &config, &data_config)?;
         let optimizer_bytes = host_opt.state_bytes();
         let opt = be.optimizer(host_opt, &config, memory.activations as u64)?;
+        // After the resident tensors (model, adapter, optimizer state): the step buffers only.
+        be.reserve_step_arena(memory.step_arena as u64)?;
         let summary = Summary {
             device: be.name(),
             memory,
