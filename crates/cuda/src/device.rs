@@ -53,11 +53,12 @@ pub const fn cdiv(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
 
-/// Size class of a pooled allocation: powers of two from 512 B to 64 MiB, then multiples of
-/// 2 MiB. Bounds waste at 2x for small buffers and at 2 MiB for large ones (activation and
-/// weight-scratch arenas are allocated once and are large).
+/// Size class of a pooled allocation: powers of two from 512 B to 2 MiB, then multiples of
+/// 2 MiB. Bounds waste at 2x for small buffers and at 2 MiB for large ones: the large ones are
+/// resident weights (Llama projections' NF4 codes are whole multiples of 2 MiB; power-of-two
+/// classes rounded 28 MiB up to 32) and the step arena, each allocated once.
 pub fn pool_class(bytes: usize) -> usize {
-    const BIG: usize = 64 << 20;
+    const BIG: usize = 2 << 20;
     let b = bytes.max(1);
     if b <= BIG {
         b.next_power_of_two().max(512)
@@ -1055,8 +1056,11 @@ mod tests {
         assert_eq!(pool_class(0), 512);
         assert_eq!(pool_class(1), 512);
         assert_eq!(pool_class(513), 1024);
-        assert_eq!(pool_class(64 << 20), 64 << 20);
-        assert_eq!(pool_class((64 << 20) + 1), (66 << 20));
+        assert_eq!(pool_class(2 << 20), 2 << 20);
+        assert_eq!(pool_class((2 << 20) + 1), 4 << 20);
+        // Llama-3-8B gate/up/down NF4 codes: 14336·4096/2 bytes = 28 MiB, held exactly.
+        assert_eq!(pool_class(14336 * 4096 / 2), 28 << 20);
+        assert_eq!(pool_class((28 << 20) + 1), 30 << 20);
         for b in [1usize, 700, 5000, 1 << 20, (100 << 20) + 3] {
             assert!(pool_class(b) >= b);
         }

@@ -206,7 +206,8 @@ fn eight_bit_state_follows_the_blockwise_rule() {
     req.paged = true;
     let q = plan::plan(&req).unwrap();
     assert_eq!(q.optimizer_resident_fwd_bwd, 0);
-    assert_eq!(q.total, p.total);
+    // (Managed memory is not from the pool: only the size-class rounding line differs.)
+    assert_eq!(q.total - q.pool_overhead, p.total - p.pool_overhead);
 }
 
 #[test]
@@ -274,13 +275,16 @@ fn trainer_groups_add_up() {
 }
 
 #[test]
-fn caching_pool_adds_only_its_own_line() {
+fn caching_pool_changes_only_the_pool_line() {
     let arena = plan::plan(&request(PlanDevice::Cuda, DeviceDtype::Bf16, true)).unwrap();
     let mut req = request(PlanDevice::Cuda, DeviceDtype::Bf16, true);
     req.caching_pool = true;
     let pool = plan::plan(&req).unwrap();
-    assert_eq!(arena.pool_overhead, 0);
-    // Tiny tensors all round up (the embedding's 40960 bytes to a 65536-byte class alone).
-    assert!(pool.pool_overhead >= 65536 - 40960);
-    assert_eq!(pool.total - pool.pool_overhead, arena.total);
+    // Resident tensors come from the pool either way: tiny tensors all round up (the
+    // embedding's 40960 bytes to a 65536-byte class alone).
+    assert!(arena.pool_overhead >= 65536 - 40960);
+    assert_eq!(
+        pool.total - pool.pool_overhead,
+        arena.total - arena.pool_overhead
+    );
 }

@@ -133,11 +133,12 @@ pub struct MemoryPlan {
     /// CUDA: cuBLASLt workspace + the dequantize-to-scratch buffer of the non-fused linear path
     /// (the largest projection, out·in in the device dtype) + the LoRA `(N, R)` scratch.
     pub workspace: u64,
-    /// CUDA with [`PlanRequest::caching_pool`]: what qlora-cuda's caching pool holds beyond the
-    /// exact sizes above: each allocation rounded to its size class
-    /// (`qlora_cuda::device::pool_class`), and the step's blocks reused only within their
-    /// class (the pool replays the step's allocation sequence; a freed logits block cannot
-    /// serve a backward scratch buffer), one cached dequant block per size class.
+    /// CUDA: what qlora-cuda's caching pool holds beyond the exact sizes above: each
+    /// resident allocation and the step arena rounded to its size class
+    /// (`qlora_cuda::device::pool_class`), one cached dequant block per size class; with
+    /// [`PlanRequest::caching_pool`] instead of the arena, the step's blocks reused only within
+    /// their class (the pool replays the step's allocation sequence; a freed logits block
+    /// cannot serve a backward scratch buffer).
     pub pool_overhead: u64,
     /// CUDA: [`CUDA_CONTEXT_BYTES`]; 0 on the CPU.
     pub cuda_context: u64,
@@ -390,7 +391,11 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
             let dequant = if nf4 { largest_proj * el } else { 0 };
             let lora_scratch = n * r_max * el;
             let ws = qlora_cuda::blas::WORKSPACE_BYTES + dequant + lora_scratch;
-            let pool = if req.caching_pool {
+            // Every device allocation comes from qlora-cuda's caching pool, rounded to its
+            // size class: the resident tensors and the op workspaces always; the step's
+            // buffers either one by one (`caching_pool`, reused only within their class) or
+            // as the one planned step arena.
+            let pool = {
                 use qlora_cuda::device::pool_class;
                 resident.extend([4 * numel, 4 * numel]);
                 if !req.paged {
@@ -409,11 +414,12 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
                 let ws_pool = pool_class(qlora_cuda::blas::WORKSPACE_BYTES)
                     + classes.iter().sum::<usize>()
                     + pool_class(lora_scratch.max(1));
-                rounding
-                    + arena.pool_held.saturating_sub(arena.high_water)
-                    + ws_pool.saturating_sub(ws)
-            } else {
-                0
+                let step = if req.caching_pool {
+                    arena.pool_held.saturating_sub(arena.high_water)
+                } else {
+                    pool_class(arena.high_water) - arena.high_water
+                };
+                rounding + step + ws_pool.saturating_sub(ws)
             };
             (ws as u64, CUDA_CONTEXT_BYTES, pool as u64)
         }
