@@ -61,7 +61,12 @@ pub fn run(a: Args) -> Result<()> {
         chat: a.chat,
         use_cache: true,
     };
-    print!("{}", a.prompt);
+    // A plain prompt is continued in place; a chat reply is the next turn, on its own line.
+    if a.chat {
+        println!("{}", a.prompt);
+    } else {
+        print!("{}", a.prompt);
+    }
     let mut out = std::io::stdout();
     let g = generate(&be, &model, adapter.as_ref(), &tok, &ids, &opts, &mut |s| {
         print!("{s}");

@@ -13,6 +13,8 @@ use crate::units::{human_bytes, human_count};
 /// The demo settings (also `examples/tiny-demo.toml`), with the bundled model and data.
 const DEMO_TOML: &str = include_str!("../../../../examples/tiny-demo.toml");
 const DEMO_DATA: &[u8] = include_bytes!("../../../train/assets/demo/train.jsonl");
+/// Where the no-argument demo writes its data (relative to the working directory).
+const DEMO_DATA_PATH: &str = "runs/tiny-demo-data/train.jsonl";
 
 /// Fine-tune a LoRA adapter (QLoRA: on an NF4 4-bit base) on the GPU or the CPU; no arguments:
 /// the demo.
@@ -242,7 +244,7 @@ fn parse_config(text: &str) -> Result<TrainConfig> {
 fn demo_config() -> Result<TrainConfig> {
     let model = PathBuf::from("runs/tiny-llama");
     crate::bundled::write_tiny_llama(&model)?;
-    let data = PathBuf::from("runs/tiny-demo-data/train.jsonl");
+    let data = PathBuf::from(DEMO_DATA_PATH);
     std::fs::create_dir_all(data.parent().unwrap()).context("creating runs/tiny-demo-data")?;
     std::fs::write(&data, DEMO_DATA).with_context(|| format!("writing {}", data.display()))?;
     let mut c = parse_config(DEMO_TOML).context("the bundled demo config")?;
@@ -520,10 +522,16 @@ fn drive<B: TrainBackend>(mut trainer: Trainer<B>, stop: &AtomicBool) -> Result<
             println!("loss curve {}", out.join("loss.png").display());
             println!("metrics    {}", out.join("metrics.jsonl").display());
             if let Some(m) = &trainer.config.model {
+                // The bundled demo's data continues number sequences; any other run gets a
+                // placeholder prompt, and --chat where the model has a chat template.
+                let demo = trainer.config.data.as_deref() == Some(Path::new(DEMO_DATA_PATH));
+                let chat = trainer.tokenizer.chat_template().is_some();
                 println!(
-                    "try        qlora generate --model {} --adapter {} --prompt \"Step down from 91:\"",
+                    "try        qlora generate --model {} --adapter {} --prompt \"{}\"{}",
                     m.display(),
-                    adapter.display()
+                    adapter.display(),
+                    if demo { "Step down from 91:" } else { "…" },
+                    if chat && !demo { " --chat" } else { "" }
                 );
             }
         }
