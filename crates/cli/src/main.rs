@@ -35,7 +35,26 @@ enum Command {
     Bench(cmd::bench::Args),
 }
 
+/// Keep freed memory in the process instead of returning it to the kernel.
+///
+/// The CPU backend allocates each step's activations afresh (the schedule owns its buffers),
+/// and glibc serves large allocations (the (N, V) logits are ~100 MB for SmolLM2 at 4 × 128)
+/// with fresh `mmap`s that it unmaps on free: every step then page-faults and kernel-zeroes
+/// hundreds of MB again (measured: 2.0 M minor faults and 7.4 s of system time in 12 SmolLM2
+/// steps; 0.3 M and 2.5 s with this, 8 % less wall time). Raising the mmap and trim thresholds
+/// keeps those pages in the heap for the next step; peak memory is unchanged (the same buffers
+/// are live at the peak either way). A glibc that refuses a value keeps its default.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
