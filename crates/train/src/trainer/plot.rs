@@ -174,7 +174,12 @@ pub fn render(history: &History) -> Vec<u8> {
         cv.rect(L as i64, py, R as i64, py, GRID);
         let s = label(fy);
         cv.text(L as i64 - 8 - text_width(&s), py - 5, &s, INK);
-        let fx = (xmax * k as f64 / 4.0).round();
+    }
+    // Step ticks at multiples of a round step (1, 2 or 5 × 10^k), about four of them: quarters
+    // of the last step (e.g. 59.25 of 79) read as arbitrary labels.
+    let xstep = nice_step(xmax / 4.0);
+    for k in 0..=(xmax / xstep).floor() as i64 {
+        let fx = k as f64 * xstep;
         let (px, _) = to_px((fx, ymin));
         cv.rect(px, T as i64, px, B as i64, GRID);
         let s = label(fx);
@@ -205,6 +210,19 @@ pub fn render(history: &History) -> Vec<u8> {
     cv.text(8, 8, "loss", INK);
     cv.text(R as i64 - text_width("step"), H as i64 - 14, "step", INK);
     encode_png(&cv.px, W, H, &PALETTE)
+}
+
+/// The smallest of 1, 2, 5 × 10^k (k ≥ 0: steps are whole) that is ≥ `raw`.
+fn nice_step(raw: f64) -> f64 {
+    let mut p = 1.0;
+    loop {
+        for m in [1.0, 2.0, 5.0] {
+            if m * p >= raw {
+                return m * p;
+            }
+        }
+        p *= 10.0;
+    }
 }
 
 /// Writes [`render`]'s PNG to `path` atomically (temp file + rename).
@@ -372,6 +390,15 @@ pub fn encode_png(px: &[u8], w: usize, h: usize, palette: &[[u8; 3]]) -> Vec<u8>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn step_ticks_are_round_numbers() {
+        assert_eq!(nice_step(79.0 / 4.0), 20.0);
+        assert_eq!(nice_step(560.0 / 4.0), 200.0);
+        assert_eq!(nice_step(8.0 / 4.0), 2.0);
+        assert_eq!(nice_step(0.25), 1.0);
+        assert_eq!(nice_step(3.0), 5.0);
+    }
+
     use super::*;
 
     /// Inflates the subset `deflate_rle` writes (one fixed-Huffman block; RFC 1951 §3.2.6
