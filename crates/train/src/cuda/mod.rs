@@ -453,6 +453,24 @@ impl CudaBackend {
         Ok(d)
     }
 
+    /// The saved block's (lse, o) element counts, after checking its dtype and length.
+    fn check_attn_saved(op: &str, saved: &CudaBuf, dims: AttnDims) -> CResult<(usize, usize)> {
+        let (lse_n, o_n) = Self::attn_saved_parts(dims);
+        check_dtype::<f32>(saved, op, "saved")?;
+        if saved.len != lse_n + o_n {
+            return Err(bad(
+                op,
+                "saved",
+                format!(
+                    "{} elements, attention_saved_len is {}",
+                    saved.len,
+                    lse_n + o_n
+                ),
+            ));
+        }
+        Ok((lse_n, o_n))
+    }
+
     /// Elements of attention's saved block, in f32 units: `lse (B·H·T)` f32 padded to 16 bytes,
     /// then a bf16 copy of the output `o (B·T, H·D)` (its backward needs `rowsum(dO ⊙ O)` and
     /// the trait hands it only q, k, v).
@@ -834,19 +852,7 @@ impl Backend for CudaBackend {
         const OP: &str = "attention_fwd";
         self.run(OP, || {
             let a = Self::attn_dims(OP, dims)?;
-            let (lse_n, o_n) = Self::attn_saved_parts(dims);
-            check_dtype::<f32>(saved, OP, "saved")?;
-            if saved.len != lse_n + o_n {
-                return Err(bad(
-                    OP,
-                    "saved",
-                    format!(
-                        "{} elements, attention_saved_len is {}",
-                        saved.len,
-                        lse_n + o_n
-                    ),
-                ));
-            }
+            let (lse_n, o_n) = Self::check_attn_saved(OP, saved, dims)?;
             let nq = dims.b * dims.tq * dims.h * dims.d;
             let (lse_part, o_part) = raw_mut(saved, OP, "saved")?.split_at_mut(4 * lse_n);
             let mut lse = lse_part.cast::<f32>();
@@ -881,19 +887,7 @@ impl Backend for CudaBackend {
         const OP: &str = "attention_bwd";
         self.run(OP, || {
             let a = Self::attn_dims(OP, dims)?;
-            let (lse_n, o_n) = Self::attn_saved_parts(dims);
-            check_dtype::<f32>(saved, OP, "saved")?;
-            if saved.len != lse_n + o_n {
-                return Err(bad(
-                    OP,
-                    "saved",
-                    format!(
-                        "{} elements, attention_saved_len is {}",
-                        saved.len,
-                        lse_n + o_n
-                    ),
-                ));
-            }
+            let (lse_n, o_n) = Self::check_attn_saved(OP, saved, dims)?;
             let rows = dims.b * dims.h * dims.tq;
             let nq = dims.b * dims.tq * dims.h * dims.d;
             let bytes = raw(saved, OP, "saved")?;
