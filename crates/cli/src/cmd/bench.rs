@@ -1,42 +1,18 @@
 use anyhow::{bail, Context, Result};
 use qlora_train::bench::{self, AdapterOptimizer, BenchOptions, BenchTimes, Timed};
 use qlora_train::plan::{self, DeviceDtype, MemoryPlan, PlanDevice, PlanRequest};
-use qlora_train::{Backend, BaseFormat, CpuBackend, LoraConfig, ModelConfig, TargetModules};
-use std::path::PathBuf;
+use qlora_train::{Backend, BaseFormat, CpuBackend, LoraConfig, ModelConfig};
+
+use super::step::StepArgs;
 
 /// Time training steps (forward + backward + AdamW) on a model of real shapes with random
 /// weights: tokens/s, ms per step by op class, MFU and peak memory next to the planner's
 /// prediction. Nothing is downloaded.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A named shape: llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, llama3-70b, tiny.
-    #[arg(long, conflicts_with = "model")]
-    pub shape: Option<String>,
-    /// Take the shapes from this model directory's config.json (weights are not read).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Tokens per sequence (T).
-    #[arg(long, default_value_t = 2048)]
-    pub seq_len: usize,
-    /// Sequences per step (B).
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
-    /// LoRA rank (alpha = 2·rank).
-    #[arg(long, default_value_t = 16)]
-    pub rank: usize,
-    /// Comma-separated module names or all-linear.
-    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
-    pub target_modules: Vec<String>,
-    /// Keep every layer's activations (checkpointing is on by default).
-    #[arg(long)]
-    pub no_gradient_checkpointing: bool,
-    /// adamw32 or adamw8.
-    #[arg(long, default_value = "adamw32")]
-    pub optimizer: String,
-    /// Optimizer state in CUDA managed memory, paged per the trainer's default policy (as
-    /// bitsandbytes' paged_adamw_32bit of the baseline).
-    #[arg(long)]
-    pub paged: bool,
+    /// The shapes default to llama3-8b.
+    #[command(flatten)]
+    pub step: StepArgs,
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
@@ -71,51 +47,24 @@ struct Setup {
 }
 
 fn setup(a: &Args) -> Result<Setup> {
-    let (name, config) = match (&a.model, &a.shape) {
-        (Some(dir), _) => (
-            dir.display().to_string(),
-            ModelConfig::from_dir(dir).with_context(|| format!("--model {}", dir.display()))?,
-        ),
-        (None, s) => {
-            let s = s.as_deref().unwrap_or("llama3-8b");
-            (s.to_string(), plan::shapes::shape(s)?)
-        }
-    };
-    for (flag, v) in [
-        ("--seq-len", a.seq_len),
-        ("--batch-size", a.batch_size),
-        ("--rank", a.rank),
-        ("--steps", a.steps),
-    ] {
-        if v == 0 {
-            bail!("{flag} must be at least 1");
-        }
+    let step = a.step.resolve(Some("llama3-8b"))?;
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
     }
-    let (state_bits, optim) = match (a.optimizer.as_str(), a.paged) {
-        ("adamw32", false) => (plan::StateBits::Full32, "adamw"),
-        ("adamw32", true) => (plan::StateBits::Full32, "paged_adamw_32bit"),
-        ("adamw8", false) => (plan::StateBits::Blockwise8, "adamw_8bit"),
-        ("adamw8", true) => (plan::StateBits::Blockwise8, "paged_adamw_8bit"),
-        (o, _) => bail!("--optimizer `{o}` (expected adamw32 or adamw8)"),
+    let optim = match (step.state_bits, a.step.paged) {
+        (plan::StateBits::Full32, false) => "adamw",
+        (plan::StateBits::Full32, true) => "paged_adamw_32bit",
+        (plan::StateBits::Blockwise8, false) => "adamw_8bit",
+        (plan::StateBits::Blockwise8, true) => "paged_adamw_8bit",
     };
     let lr = 2e-4;
-    let target_modules = if a.target_modules.iter().any(|t| t == "all-linear") {
-        TargetModules::AllLinear
-    } else {
-        TargetModules::List(a.target_modules.clone())
-    };
     Ok(Setup {
-        name,
-        config,
-        lora: LoraConfig {
-            r: a.rank,
-            lora_alpha: 2.0 * a.rank as f64,
-            target_modules,
-            ..LoraConfig::default()
-        },
+        name: step.name,
+        config: step.config,
+        lora: step.lora,
         adamw: plan::AdamWConfig {
             lr,
-            state_bits,
+            state_bits: step.state_bits,
             ..plan::AdamWConfig::default()
         },
         optim: optim.to_string(),
@@ -123,7 +72,7 @@ fn setup(a: &Args) -> Result<Setup> {
             warmup: a.warmup,
             steps: a.steps,
             profile_steps: a.profile_steps,
-            checkpointing: !a.no_gradient_checkpointing,
+            checkpointing: step.checkpointing,
             lr,
             seed: a.seed,
         },
@@ -144,7 +93,12 @@ fn bench_on<B: Backend, O: AdapterOptimizer<B>>(
     let model = bench::random_model(&timed, &s.config, s.opts.seed)?;
     let mut adapter = bench::random_adapter(&timed, &s.config, &s.lora, s.opts.seed ^ 1)?;
     let mut opt = make_opt(&timed, &adapter)?;
-    let batch = bench::random_batch(&s.config, a.batch_size, a.seq_len, s.opts.seed ^ 2)?;
+    let batch = bench::random_batch(
+        &s.config,
+        a.step.batch_size,
+        a.step.seq_len,
+        s.opts.seed ^ 2,
+    )?;
     let times = bench::run(&timed, &model, &mut adapter, &mut opt, &batch, &s.opts)?;
     let peak = measured_peak(&timed.inner);
     Ok((times, peak))
@@ -164,9 +118,9 @@ fn report(
          steps after {} warm-up\n",
         s.name,
         t.backend,
-        a.batch_size,
-        a.seq_len,
-        a.rank,
+        a.step.batch_size,
+        a.step.seq_len,
+        a.step.rank,
         plan.trainable_params,
         if s.opts.checkpointing { "on" } else { "off" },
         t.steps,
@@ -238,11 +192,11 @@ pub fn run(a: Args) -> Result<()> {
             PlanDevice::Cuda => DeviceDtype::Bf16,
             PlanDevice::Cpu => DeviceDtype::F32,
         },
-        batch_size: a.batch_size,
-        seq_len: a.seq_len,
+        batch_size: a.step.batch_size,
+        seq_len: a.step.seq_len,
         checkpointing: s.opts.checkpointing,
         adamw: s.adamw.clone(),
-        paged: a.paged,
+        paged: a.step.paged,
         caching_pool: false,
     })?;
     let (times, peak, peak_tflops) = match device {
@@ -295,9 +249,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         let mut v = serde_json::to_value(&times)?;
         v["model"] = s.name.clone().into();
-        v["batch_size"] = a.batch_size.into();
-        v["seq_len"] = a.seq_len.into();
-        v["rank"] = a.rank.into();
+        v["batch_size"] = a.step.batch_size.into();
+        v["seq_len"] = a.step.seq_len.into();
+        v["rank"] = a.step.rank.into();
         v["checkpointing"] = s.opts.checkpointing.into();
         v["planned_peak_bytes"] = plan.total.into();
         v["measured_peak_bytes"] = peak.map(|p| p.0).into();

@@ -1,42 +1,15 @@
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use qlora_train::plan::{self, DeviceDtype, MemoryPlan, PlanDevice, PlanRequest};
-use qlora_train::{BaseFormat, LoraConfig, ModelConfig, TargetModules};
-use std::path::PathBuf;
+use qlora_train::BaseFormat;
+
+use super::step::StepArgs;
 
 /// Predict the peak device memory of a QLoRA training step, line by line, from the same
 /// planner the trainer allocates from (no GPU needed, nothing loaded but config.json).
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory (its config.json is read; the weights are not).
-    #[arg(long, conflicts_with = "shape")]
-    pub model: Option<PathBuf>,
-    /// A named shape: llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, llama3-70b, tiny.
-    #[arg(long)]
-    pub shape: Option<String>,
-    /// Tokens per sequence (T).
-    #[arg(long, default_value_t = 2048)]
-    pub seq_len: usize,
-    /// Sequences per micro-batch (B).
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    pub rank: usize,
-    /// Comma-separated module names (q_proj,v_proj,…) or all-linear.
-    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
-    pub target_modules: Vec<String>,
-    /// Save only each layer's input and recompute the layer in backward (the default).
-    #[arg(long, overrides_with = "no_gradient_checkpointing")]
-    pub gradient_checkpointing: bool,
-    /// Keep every layer's activations instead.
-    #[arg(long, overrides_with = "gradient_checkpointing")]
-    pub no_gradient_checkpointing: bool,
-    /// adamw32 (f32 m, v) or adamw8 (bitsandbytes' blockwise 8-bit state).
-    #[arg(long, default_value = "adamw32")]
-    pub optimizer: String,
-    /// Optimizer state in managed memory, paged to the host between updates.
-    #[arg(long)]
-    pub paged: bool,
+    #[command(flatten)]
+    pub step: StepArgs,
     /// cuda or cpu.
     #[arg(long, default_value = "cuda")]
     pub device: String,
@@ -57,23 +30,7 @@ pub struct Args {
 
 /// The plan request the arguments describe, and the model's name for the report.
 pub fn request(a: &Args) -> Result<(String, PlanRequest)> {
-    let (name, model) = match (&a.model, &a.shape) {
-        (Some(dir), _) => (
-            dir.display().to_string(),
-            ModelConfig::from_dir(dir).with_context(|| format!("--model {}", dir.display()))?,
-        ),
-        (None, Some(s)) => (s.clone(), plan::shapes::shape(s)?),
-        (None, None) => bail!("give --model DIR or --shape NAME"),
-    };
-    if a.seq_len == 0 {
-        bail!("--seq-len must be at least 1");
-    }
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    if a.rank == 0 {
-        bail!("--rank must be at least 1");
-    }
+    let step = a.step.resolve(None)?;
     let device = match a.device.as_str() {
         "cuda" => PlanDevice::Cuda,
         "cpu" => PlanDevice::Cpu,
@@ -84,13 +41,8 @@ pub fn request(a: &Args) -> Result<(String, PlanRequest)> {
         (None, PlanDevice::Cpu) | (Some("f32"), _) => DeviceDtype::F32,
         (Some(o), _) => bail!("--device-dtype `{o}` (expected bf16 or f32)"),
     };
-    let state_bits = match a.optimizer.as_str() {
-        "adamw32" => plan::StateBits::Full32,
-        "adamw8" => plan::StateBits::Blockwise8,
-        o => bail!("--optimizer `{o}` (expected adamw32 or adamw8)"),
-    };
     let adamw = plan::AdamWConfig {
-        state_bits,
+        state_bits: step.state_bits,
         ..plan::AdamWConfig::default()
     };
     let base = match a.base.as_str() {
@@ -98,30 +50,19 @@ pub fn request(a: &Args) -> Result<(String, PlanRequest)> {
         "dense" => BaseFormat::Dense,
         o => bail!("--base `{o}` (expected nf4 or dense)"),
     };
-    let target_modules = if a.target_modules.iter().any(|t| t == "all-linear") {
-        TargetModules::AllLinear
-    } else {
-        TargetModules::List(a.target_modules.clone())
-    };
-    let lora = LoraConfig {
-        r: a.rank,
-        lora_alpha: 2.0 * a.rank as f64,
-        target_modules,
-        ..LoraConfig::default()
-    };
     Ok((
-        name,
+        step.name,
         PlanRequest {
-            model,
-            lora,
+            model: step.config,
+            lora: step.lora,
             base,
             device,
             dtype,
-            batch_size: a.batch_size,
-            seq_len: a.seq_len,
-            checkpointing: !a.no_gradient_checkpointing,
+            batch_size: a.step.batch_size,
+            seq_len: a.step.seq_len,
+            checkpointing: step.checkpointing,
             adamw,
-            paged: a.paged,
+            paged: a.step.paged,
             caching_pool: a.caching_pool,
         },
     ))

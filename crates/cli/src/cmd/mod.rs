@@ -6,6 +6,7 @@ pub mod inspect;
 pub mod memory;
 pub mod merge;
 pub mod quantize;
+pub mod step;
 pub mod train;
 
 use anyhow::{bail, Result};

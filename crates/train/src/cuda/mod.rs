@@ -453,8 +453,8 @@ impl CudaBackend {
         Ok(d)
     }
 
-    /// The saved block's (lse, o) element counts, after checking its dtype and length.
-    fn check_attn_saved(op: &str, saved: &CudaBuf, dims: AttnDims) -> CResult<(usize, usize)> {
+    /// The saved block's lse element count, after checking its dtype and length.
+    fn check_attn_saved(op: &str, saved: &CudaBuf, dims: AttnDims) -> CResult<usize> {
         let (lse_n, o_n) = Self::attn_saved_parts(dims);
         check_dtype::<f32>(saved, op, "saved")?;
         if saved.len != lse_n + o_n {
@@ -468,7 +468,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        Ok((lse_n, o_n))
+        Ok(lse_n)
     }
 
     /// Elements of attention's saved block, in f32 units: `lse (B·H·T)` f32 padded to 16 bytes,
@@ -852,7 +852,7 @@ impl Backend for CudaBackend {
         const OP: &str = "attention_fwd";
         self.run(OP, || {
             let a = Self::attn_dims(OP, dims)?;
-            let (lse_n, o_n) = Self::check_attn_saved(OP, saved, dims)?;
+            let lse_n = Self::check_attn_saved(OP, saved, dims)?;
             let nq = dims.b * dims.tq * dims.h * dims.d;
             let (lse_part, o_part) = raw_mut(saved, OP, "saved")?.split_at_mut(4 * lse_n);
             let mut lse = lse_part.cast::<f32>();
@@ -887,7 +887,7 @@ impl Backend for CudaBackend {
         const OP: &str = "attention_bwd";
         self.run(OP, || {
             let a = Self::attn_dims(OP, dims)?;
-            let (lse_n, o_n) = Self::check_attn_saved(OP, saved, dims)?;
+            let lse_n = Self::check_attn_saved(OP, saved, dims)?;
             let rows = dims.b * dims.h * dims.tq;
             let nq = dims.b * dims.tq * dims.h * dims.d;
             let bytes = raw(saved, OP, "saved")?;
