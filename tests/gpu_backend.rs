@@ -644,6 +644,51 @@ fn dense_linear_fwd_bwd() {
     );
 }
 
+/// LoRA on a dense (unquantized) base goes through `lora_proj` directly: a rank above the
+/// kernel's tile (`MAX_RANK`) is a typed error naming the op, never an out-of-tile write.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn lora_rank_above_the_tile_is_a_typed_error() {
+    let g = gpu();
+    let (m, k, n, r) = (
+        4usize,
+        32usize,
+        16usize,
+        qlora_cuda::ops::linear::MAX_RANK + 1,
+    );
+    let fw = g
+        .frozen("w", FrozenWeight::Dense(values(n * k, 40, 0.1)), n, k)
+        .unwrap();
+    let s = slot(r, k, n, 1.0);
+    let pg = g.upload_f32(&values(r * k + n * r, 41, 0.1));
+    let dims = LinearDims {
+        n: m,
+        in_features: k,
+        out_features: n,
+    };
+    let (mut yg, mut ug) = (g.zeros(m * n), g.zeros(m * r));
+    let args = LoraArgs {
+        slot: &s,
+        dropout: None,
+    };
+    g.nf4_lora_linear_fwd(
+        &mut yg,
+        Some(&mut ug),
+        &g.upload(&values(m * k, 42, 1.0)),
+        &fw,
+        None,
+        Some((&pg, args)),
+        dims,
+    );
+    match g.synchronize() {
+        Err(TrainError::Device { op, msg }) => {
+            assert_eq!(op, "nf4_lora_linear_fwd");
+            assert!(msg.contains("rank"), "{msg}");
+        }
+        other => panic!("expected a Device error, got {other:?}"),
+    }
+}
+
 fn repo_root() -> PathBuf {
     std::env::var_os("QLORA_REPO_ROOT")
         .map(PathBuf::from)

@@ -127,6 +127,27 @@ pub fn lora_proj<T: Elem>(
     scale: f32,
     stream: Option<&Stream>,
 ) -> Result<()> {
+    const OP: &str = "linear::lora_proj";
+    check_float::<T>(OP)?;
+    // The kernel's shared tile holds MAX_RANK rows of Bop and each thread at most 16 outputs:
+    // a larger rank would index past both (CudaBackend's dense-base and dropout paths call
+    // this launcher directly, without `check_dims`).
+    if r == 0 || r > MAX_RANK {
+        return Err(bad_arg(OP, "r", format!("rank {r} outside 1..={MAX_RANK}")));
+    }
+    check_len_mut(OP, "out", out, m * r)?;
+    check_len(OP, "a", a, m * kk)?;
+    // Bop's largest index, (kk−1)·sbk + (r−1)·sbj, must lie inside `b`.
+    let b_need = kk.saturating_sub(1) * sbk + (r - 1) * sbj + 1;
+    if b.len() < b_need {
+        return Err(bad_arg(
+            OP,
+            "b",
+            format!("{} elements, the strides need {b_need}", b.len()),
+        ));
+    }
+    dim_i32(OP, "m", m)?;
+    dim_i32(OP, "k", kk)?;
     let args = Args::new()
         .ptr_mut(out)
         .ptr(a)
@@ -159,6 +180,14 @@ pub fn lora_grad<T: Elem>(
     q: usize,
     stream: Option<&Stream>,
 ) -> Result<()> {
+    const OP: &str = "linear::lora_grad";
+    check_float::<T>(OP)?;
+    check_len_mut(OP, "c", c, p * q)?;
+    check_len(OP, "l", l, m * p)?;
+    check_len(OP, "rr", rr, m * q)?;
+    for (name, v) in [("m", m), ("p", p), ("q", q)] {
+        dim_i32(OP, name, v)?;
+    }
     let (geo, m_per) = grad_geometry(m, p, q, dev.sm_count());
     let args = Args::new()
         .ptr_mut(c)
