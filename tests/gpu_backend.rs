@@ -426,7 +426,9 @@ fn slot(r: usize, k: usize, n: usize, scale: f64) -> LoraSlot {
 }
 
 /// The NF4 + LoRA linear on every GPU path: fused (small M), dequantize + cuBLASLt (large M),
-/// with bias, with LoRA dropout (the general path), and without LoRA.
+/// with bias, with LoRA dropout (the general path), and without LoRA. `d_x` both overwritten
+/// and accumulated (`acc_dx`: q/k/v and gate/up share their input), and the LoRA gradients
+/// start from nonzero values, so a kernel that overwrote instead of accumulating fails.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn nf4_lora_linear_all_paths() {
@@ -440,18 +442,21 @@ fn nf4_lora_linear_all_paths() {
     let fg = g.frozen("w", FrozenWeight::Nf4(t), n, k).unwrap();
     let bias = values(n, 21, 0.5);
     // m = 37 runs fused (≤ the 64-row crossover), m = 200 dequantize + cuBLASLt.
-    for (m, with_bias, dropout) in [
-        (37usize, false, None),
-        (200, true, None),
-        (37, false, Some(0.25)),
+    for (m, with_bias, dropout, acc_dx) in [
+        (37usize, false, None, false),
+        (37, false, None, true),
+        (200, true, None, true),
+        (37, false, Some(0.25), true),
     ] {
-        let case = format!("m {m} bias {with_bias} dropout {dropout:?}");
+        let case = format!("m {m} bias {with_bias} dropout {dropout:?} acc_dx {acc_dx}");
         let s = slot(r, k, n, 2.0);
         let params: Vec<f32> = values(r * k, 22, 0.1)
             .into_iter()
             .chain(values(n * r, 23, 0.1))
             .collect();
         let (x, dy) = (values(m * k, 24, 1.0), values(m * n, 25, 1.0));
+        // What d_x and the gradient arena hold before the call (d_x matters only with acc_dx).
+        let (dx0, g0) = (values(m * k, 33, 1.0), values(params.len(), 34, 0.5));
         let dims = LinearDims {
             n: m,
             in_features: k,
@@ -462,7 +467,12 @@ fn nf4_lora_linear_all_paths() {
             dropout: dropout.map(|p| Dropout { p, seed: 99 }),
         };
         // CPU reference, and the same on |operands| for the Σ|terms| of each output.
-        let cpu = |fw: &qlora_train::CpuFrozen<f32>, x: &[f32], dy: &[f32], p: &[f32]| {
+        let cpu = |fw: &qlora_train::CpuFrozen<f32>,
+                   x: &[f32],
+                   dy: &[f32],
+                   p: &[f32],
+                   dx0: &[f32],
+                   g0: &[f32]| {
             let (mut y, mut u) = (vec![0f32; m * n], vec![0f32; m * r]);
             let b = with_bias.then(|| bias.clone());
             c.nf4_lora_linear_fwd(
@@ -474,10 +484,10 @@ fn nf4_lora_linear_all_paths() {
                 Some((&p.to_vec(), args)),
                 dims,
             );
-            let (mut dx, mut gr) = (vec![0f32; m * k], vec![0f32; p.len()]);
+            let (mut dx, mut gr) = (dx0.to_vec(), g0.to_vec());
             c.nf4_lora_linear_bwd(
                 Some(&mut dx),
-                false,
+                acc_dx,
                 Some(&mut gr),
                 &dy.to_vec(),
                 &x.to_vec(),
@@ -488,8 +498,15 @@ fn nf4_lora_linear_all_paths() {
             );
             (y, dx, gr)
         };
-        let (y, dx, gr) = cpu(&fc, &x, &dy, &params);
-        let (ya, dxa, gra) = cpu(&fc_abs, &abs(&x), &abs(&dy), &abs(&params));
+        let (y, dx, gr) = cpu(&fc, &x, &dy, &params, &dx0, &g0);
+        let (ya, dxa, gra) = cpu(
+            &fc_abs,
+            &abs(&x),
+            &abs(&dy),
+            &abs(&params),
+            &abs(&dx0),
+            &abs(&g0),
+        );
 
         let pg = g.upload_f32(&params);
         let (xg, dyg) = (g.upload(&x), g.upload(&dy));
@@ -504,10 +521,10 @@ fn nf4_lora_linear_all_paths() {
             Some((&pg, args)),
             dims,
         );
-        let (mut dxg, mut grg) = (g.zeros(m * k), g.zeros_f32(params.len()));
+        let (mut dxg, mut grg) = (g.upload(&dx0), g.upload_f32(&g0));
         g.nf4_lora_linear_bwd(
             Some(&mut dxg),
-            false,
+            acc_dx,
             Some(&mut grg),
             &dyg,
             &xg,
