@@ -349,9 +349,10 @@ fn embedding_fwd_bwd_acc() {
     g.embedding_fwd(&mut og, &ids, &g.upload(&table), 0, cc);
     g.embedding_fwd(&mut og32, &ids, &g.upload_f32(&arena), 10, cc);
     let d = values(ids.len() * cc, 16, 1.0);
-    let mut gc = vec![0f32; 10 + v * cc];
+    // The gradient arena starts nonzero: the scatter must add into it.
+    let mut gc = values(10 + v * cc, 36, 0.5);
+    let mut gg = g.upload_f32(&gc);
     c.embedding_bwd_acc(&mut gc, 10, &ids, &d, cc);
-    let mut gg = g.zeros_f32(10 + v * cc);
     g.embedding_bwd_acc(&mut gg, 10, &ids, &g.upload(&d), cc);
     g.synchronize().unwrap();
     // A gather of bf16-representable values is exact on both paths.
@@ -362,7 +363,7 @@ fn embedding_fwd_bwd_acc() {
         "embedding bwd_acc",
         &g.download(&gg),
         &gc,
-        |_| 4.0 * UF * 3.0 * max_abs(&d),
+        |_| 4.0 * UF * (3.0 * max_abs(&d) + 0.5),
         0.0,
     );
 }
@@ -620,20 +621,22 @@ fn dense_linear_fwd_bwd() {
         in_features: k,
         out_features: n,
     };
-    let run_cpu = |p: &Vec<f32>, x: &Vec<f32>, dy: &Vec<f32>| {
+    // The gradient arena starts nonzero: dW must accumulate into it.
+    let g0 = values(params.len(), 35, 0.5);
+    let run_cpu = |p: &Vec<f32>, x: &Vec<f32>, dy: &Vec<f32>, g0: &Vec<f32>| {
         let mut y = vec![0f32; m * n];
         c.dense_linear_fwd(&mut y, x, p, off, dims);
-        let (mut dx, mut gr) = (vec![0f32; m * k], vec![0f32; p.len()]);
+        let (mut dx, mut gr) = (vec![0f32; m * k], g0.clone());
         c.dense_linear_bwd(&mut dx, &mut gr, dy, x, p, off, dims);
         (y, dx, gr)
     };
-    let (y, dx, gr) = run_cpu(&params, &x, &dy);
-    let (ya, dxa, gra) = run_cpu(&abs(&params), &abs(&x), &abs(&dy));
+    let (y, dx, gr) = run_cpu(&params, &x, &dy, &g0);
+    let (ya, dxa, gra) = run_cpu(&abs(&params), &abs(&x), &abs(&dy), &abs(&g0));
     let pg = g.upload_f32(&params);
     let (xg, dyg) = (g.upload(&x), g.upload(&dy));
     let mut yg = g.zeros(m * n);
     g.dense_linear_fwd(&mut yg, &xg, &pg, off, dims);
-    let (mut dxg, mut grg) = (g.zeros(m * k), g.zeros_f32(params.len()));
+    let (mut dxg, mut grg) = (g.zeros(m * k), g.upload_f32(&g0));
     g.dense_linear_bwd(&mut dxg, &mut grg, &dyg, &xg, &pg, off, dims);
     g.synchronize().unwrap();
     // W rounded to bf16 once (u per term), the output once more.
