@@ -137,8 +137,12 @@ pub fn lora_proj<T: Elem>(
     }
     check_len_mut(OP, "out", out, m * r)?;
     check_len(OP, "a", a, m * kk)?;
-    // Bop's largest index, (kk−1)·sbk + (r−1)·sbj, must lie inside `b`.
-    let b_need = kk.saturating_sub(1) * sbk + (r - 1) * sbj + 1;
+    // Bop's largest index, (kk−1)·sbk + (r−1)·sbj, must lie inside `b` (nothing is read
+    // when kk = 0).
+    let b_need = match kk {
+        0 => 0,
+        _ => (kk - 1) * sbk + (r - 1) * sbj + 1,
+    };
     if b.len() < b_need {
         return Err(bad_arg(
             OP,
