@@ -259,16 +259,8 @@ impl<T: Elem> Buf<T> {
         }
     }
     pub fn slice_mut(&mut self, start: usize, len: usize) -> ViewMut<'_, T> {
-        assert!(
-            start + len <= self.len,
-            "slice {start}+{len} of {}",
-            self.len
-        );
-        ViewMut {
-            ptr: self.ptr + (start * std::mem::size_of::<T>()) as u64,
-            len,
-            _t: PhantomData,
-        }
+        // SAFETY: `&mut self` is the only owner's exclusive borrow: no other view can exist.
+        unsafe { self.slice_mut_shared(start, len) }
     }
 }
 

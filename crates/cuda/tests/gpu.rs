@@ -1,6 +1,6 @@
 #![allow(clippy::needless_range_loop)] // index loops mirror the math of the references
 
-//! GPU tests (lane C). Every test needs a CUDA device and is `#[ignore]`d; run them with
+//! GPU tests (lane C). Every test needs a CUDA device and is ignored ("needs a CUDA device"); run them with
 //! `cargo test -p qlora-cuda --test gpu -- --ignored --test-threads=1` (scripts/gpu_suite.sh).
 //! Without a device they fail with the typed `NoGpu` reason: they never pass vacuously.
 //!

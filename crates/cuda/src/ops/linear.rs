@@ -355,6 +355,18 @@ impl Default for Dispatch {
         Dispatch { crossover_m: m }
     }
 }
+/// The first N·K elements of the dequantize path's `scratch`, which must hold W.
+fn weight_scratch<'s, T: Elem>(s: &'s mut ViewMut<'_, T>, d: LinearDims) -> Result<ViewMut<'s, T>> {
+    if s.len() < d.n * d.k {
+        return Err(bad_arg(
+            "linear::Dispatch",
+            "scratch",
+            format!("{} elements, W needs {}", s.len(), d.n * d.k),
+        ));
+    }
+    Ok(s.slice_mut(0, d.n * d.k))
+}
+
 impl Dispatch {
     pub fn path(&self, m: usize) -> LinearPath {
         if m <= self.crossover_m {
@@ -383,14 +395,7 @@ impl Dispatch {
     ) -> Result<LinearPath> {
         match (self.path(d.m), scratch) {
             (LinearPath::DequantBlas, Some(s)) => {
-                if s.len() < d.n * d.k {
-                    return Err(bad_arg(
-                        "linear::Dispatch",
-                        "scratch",
-                        format!("{} elements, W needs {}", s.len(), d.n * d.k),
-                    ));
-                }
-                let mut s = s.slice_mut(0, d.n * d.k);
+                let mut s = weight_scratch(s, d)?;
                 fwd_dequant_blas(dev, y, us, &mut s, x, x_l, w, lora_a, lora_b, d)?;
                 Ok(LinearPath::DequantBlas)
             }
@@ -422,14 +427,7 @@ impl Dispatch {
     ) -> Result<LinearPath> {
         match (self.path(d.m), scratch) {
             (LinearPath::DequantBlas, Some(s)) => {
-                if s.len() < d.n * d.k {
-                    return Err(bad_arg(
-                        "linear::Dispatch",
-                        "scratch",
-                        format!("{} elements, W needs {}", s.len(), d.n * d.k),
-                    ));
-                }
-                let mut s = s.slice_mut(0, d.n * d.k);
+                let mut s = weight_scratch(s, d)?;
                 bwd_dequant_blas(
                     dev,
                     dx,

@@ -124,7 +124,6 @@ struct StepArena {
 struct ArenaBlock {
     arena: Arc<StepArena>,
     offset: usize,
-    bytes: usize,
 }
 
 impl Drop for ArenaBlock {
@@ -156,7 +155,6 @@ fn raw_mut<'a>(b: &'a mut CudaBuf, op: &str, arg: &str) -> CResult<ViewMut<'a, u
     match b.mem.as_mut() {
         Some(Mem::Pool(m)) => Ok(m.slice_mut(0, bytes)),
         Some(Mem::Arena(a)) => {
-            debug_assert!(bytes <= a.bytes);
             // SAFETY: the arena's planner hands out disjoint live blocks and this block is
             // owned by `b`, borrowed mutably here; freed blocks are reused only by work queued
             // later on the same stream.
@@ -343,11 +341,7 @@ impl CudaBackend {
             }
             off
         };
-        Some(ArenaBlock {
-            arena,
-            offset,
-            bytes,
-        })
+        Some(ArenaBlock { arena, offset })
     }
 
     pub fn device(&self) -> &Arc<Device> {
