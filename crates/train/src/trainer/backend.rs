@@ -1,8 +1,9 @@
 //! What the [`Trainer`](super::Trainer) needs from a backend beyond the ops of one step: its
-//! optimizer over the adapter arenas, the non-finite check of the gradients, and what the memory
-//! planner models for it (the start-of-run summary's prediction). The CPU runs the CPU AdamW on host arenas; CUDA runs
-//! qlora-optim's `GpuAdamW` on the device arenas (the state in managed memory and paged under
-//! the config's policy for the `paged_*` optimizers, in plain device memory otherwise).
+//! optimizer over the adapter arenas, the non-finite check of the gradients, what the memory
+//! planner models for it (the start-of-run summary's prediction) and its step arena. The CPU
+//! runs the CPU AdamW on host arenas; CUDA runs qlora-optim's `GpuAdamW` on the device arenas
+//! (the state in managed memory and paged under the config's policy for the `paged_*`
+//! optimizers, in plain device memory otherwise).
 
 use std::path::Path;
 

@@ -279,7 +279,6 @@ impl<B: TrainBackend> Trainer<B> {
             }
         };
         let adapter = Adapter::new(&be, &weights);
-        let adapter_lora = weights.config.clone();
         be.synchronize()?;
         let host_opt = AdamW::new(arena_layout(&adapter)?, config.adamw_config()?)?;
         let batcher = data::Batcher::new(&train, &data_config)?;
@@ -302,7 +301,7 @@ impl<B: TrainBackend> Trainer<B> {
                 .max(1.0) as u64
         };
         let schedule = config.schedule(total_steps)?;
-        let memory = memory_estimate(&be, &model, &adapter_lora, &config, &data_config)?;
+        let memory = memory_estimate(&be, &model, &adapter.config, &config, &data_config)?;
         let optimizer_bytes = host_opt.state_bytes();
         let opt = be.optimizer(host_opt, &config, memory.activations as u64)?;
         // After the resident tensors (model, adapter, optimizer state): the step buffers only.
