@@ -344,12 +344,13 @@ impl<B: Backend> Ctx<'_, B> {
         );
     }
 
+    /// `d_x` None: the input gradient is not needed (only LoRA grads are accumulated).
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
         layer: usize,
         p: Proj,
-        d_x: &mut B::Buf,
+        d_x: Option<&mut B::Buf>,
         acc: bool,
         grads: &mut B::Buf,
         d_y: &B::Buf,
@@ -360,7 +361,7 @@ impl<B: Backend> Ctx<'_, B> {
         let lora = self.lora(layer, p);
         let u = lora.is_some().then_some(u);
         self.be.nf4_lora_linear_bwd(
-            Some(d_x),
+            d_x,
             acc,
             Some(grads),
             d_y,
@@ -424,7 +425,11 @@ impl<B: Backend> Ctx<'_, B> {
         be.add_acc(h, tmp);
     }
 
-    /// One decoder layer backward: `d_h (N, C)` in = d(layer output), out = d(layer input).
+    /// One decoder layer backward: `d_h (N, C)` in = d(layer output), out = d(layer input)
+    /// when `need_dx`; without it (layer 0 when the embedding is frozen: nothing upstream
+    /// takes a gradient) the attention input's gradient is skipped — q, k, v's `d_y·W`
+    /// products (N·C·(H + 2·Hkv)·D multiply-adds) and the first norm's backward — and `d_h`
+    /// is left as d(h_mid).
     fn layer_bwd(
         &self,
         layer: usize,
@@ -432,6 +437,7 @@ impl<B: Backend> Ctx<'_, B> {
         s: &LayerSaved<B>,
         sc: &mut Scratch<B>,
         grads: &mut B::Buf,
+        need_dx: bool,
     ) {
         let (be, dm) = (self.be, &self.dm);
         let lw = &self.model.layers[layer];
@@ -440,7 +446,7 @@ impl<B: Backend> Ctx<'_, B> {
         self.linear_bwd(
             layer,
             Proj::Down,
-            &mut sc.d_a,
+            Some(&mut sc.d_a),
             false,
             grads,
             d_h,
@@ -451,7 +457,7 @@ impl<B: Backend> Ctx<'_, B> {
         self.linear_bwd(
             layer,
             Proj::Gate,
-            &mut sc.d_xn,
+            Some(&mut sc.d_xn),
             false,
             grads,
             &sc.d_e,
@@ -461,7 +467,7 @@ impl<B: Backend> Ctx<'_, B> {
         self.linear_bwd(
             layer,
             Proj::Up,
-            &mut sc.d_xn,
+            Some(&mut sc.d_xn),
             true,
             grads,
             &sc.d_g,
@@ -481,7 +487,7 @@ impl<B: Backend> Ctx<'_, B> {
         self.linear_bwd(
             layer,
             Proj::O,
-            &mut sc.d_o,
+            Some(&mut sc.d_o),
             false,
             grads,
             d_h,
@@ -504,7 +510,7 @@ impl<B: Backend> Ctx<'_, B> {
         self.linear_bwd(
             layer,
             Proj::Q,
-            &mut sc.d_xn,
+            need_dx.then_some(&mut sc.d_xn),
             false,
             grads,
             &sc.d_q,
@@ -514,7 +520,7 @@ impl<B: Backend> Ctx<'_, B> {
         self.linear_bwd(
             layer,
             Proj::K,
-            &mut sc.d_xn,
+            need_dx.then_some(&mut sc.d_xn),
             true,
             grads,
             &sc.d_k,
@@ -524,22 +530,24 @@ impl<B: Backend> Ctx<'_, B> {
         self.linear_bwd(
             layer,
             Proj::V,
-            &mut sc.d_xn,
+            need_dx.then_some(&mut sc.d_xn),
             true,
             grads,
             &sc.d_v,
             &s.xn1,
             u(Proj::V),
         );
-        be.rmsnorm_bwd(
-            &mut sc.tmp,
-            &sc.d_xn,
-            &s.x_in,
-            &s.rstd1,
-            &lw.attn_norm,
-            dm.c,
-        );
-        be.add_acc(d_h, &sc.tmp); // d_h = d(x_in)
+        if need_dx {
+            be.rmsnorm_bwd(
+                &mut sc.tmp,
+                &sc.d_xn,
+                &s.x_in,
+                &s.rstd1,
+                &lw.attn_norm,
+                dm.c,
+            );
+            be.add_acc(d_h, &sc.tmp); // d_h = d(x_in)
+        }
     }
 }
 
@@ -746,7 +754,12 @@ pub fn forward_backward<B: Backend>(
         d_k: be.zeros(n * dm.kvd),
         d_v: be.zeros(n * dm.kvd),
     };
+    let embed_grad = adapter_ref
+        .layout
+        .saved_slot(SavedModule::EmbedTokens)
+        .is_some();
     for l in (0..nl).rev() {
+        let need_dx = l > 0 || embed_grad;
         if opts.checkpointing {
             // Recompute the layer from its saved input with the same ops (and the same dropout
             // masks, which are a function of the seed): the save set is bit-identical.
@@ -754,9 +767,9 @@ pub fn forward_backward<B: Backend>(
             let mut x = be.zeros(n * c);
             be.copy(&mut x, 0, &inputs[l], 0, n * c);
             cx.layer_fwd(l, &mut x, &mut s, &mut tmp, true, None);
-            cx.layer_bwd(l, &mut d_h, &s, &mut sc, &mut grads);
+            cx.layer_bwd(l, &mut d_h, &s, &mut sc, &mut grads, need_dx);
         } else {
-            cx.layer_bwd(l, &mut d_h, &saved[l], &mut sc, &mut grads);
+            cx.layer_bwd(l, &mut d_h, &saved[l], &mut sc, &mut grads, need_dx);
         }
     }
     if let Some(s) = adapter_ref.layout.saved_slot(SavedModule::EmbedTokens) {

@@ -5,6 +5,7 @@
 
 use qlora_train::cpu::{
     attention, cross_entropy, dense_linear, embedding, nf4_lora_linear, rmsnorm, rope, swiglu,
+    FrozenRef,
 };
 use qlora_train::*;
 use rand::rngs::SmallRng;
@@ -204,7 +205,7 @@ fn linear_case(dropout: Option<Dropout>, seed: u64) {
             &mut y,
             Some(&mut u),
             x,
-            &w,
+            FrozenRef::dense(&w),
             Some(&bias),
             Some((p, &s, dropout)),
             dims,
@@ -221,7 +222,7 @@ fn linear_case(dropout: Option<Dropout>, seed: u64) {
         &r,
         &x,
         Some(&u),
-        &w,
+        FrozenRef::dense(&w),
         Some((&params, &s, dropout)),
         dims,
     );
@@ -245,7 +246,7 @@ fn linear_case(dropout: Option<Dropout>, seed: u64) {
         &r,
         &x,
         Some(&u),
-        &w,
+        FrozenRef::dense(&w),
         Some((&params, &s, dropout)),
         dims,
     );

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::{gemm_raw, Real, SendPtr};
+use super::{gemm_raw, vec_f32, Real, SendPtr};
 use crate::backend::AttnDims;
 
 /// Saved elements: the probabilities `(B, H, Tq, Tk)`.
@@ -64,18 +64,24 @@ pub fn fwd<T: Real>(out: &mut [T], saved: &mut [T], q: &[T], k: &[T], v: &[T], d
             }
             for (i, row) in p.chunks_mut(tk).enumerate() {
                 let valid = (i + off + 1).min(tk);
-                let m = row[..valid]
-                    .iter()
-                    .fold(T::neg_infinity(), |a, &x| a.max(x));
-                let mut s = T::zero();
-                for x in &mut row[..valid] {
-                    *x = (*x - m).exp_v();
+                if let Some(r) = vec_f32::as_f32_mut(&mut row[..valid]) {
+                    let m = vec_f32::max(r);
+                    vec_f32::exp_sub(r, m);
+                    vec_f32::scale(r, 1.0 / vec_f32::sum(r));
+                } else {
+                    let m = row[..valid]
+                        .iter()
+                        .fold(T::neg_infinity(), |a, &x| a.max(x));
+                    let mut s = T::zero();
+                    for x in &mut row[..valid] {
+                        *x = (*x - m).exp_v();
+                    }
+                    for &x in &row[..valid] {
+                        s = s + x;
+                    }
+                    let inv = T::one() / s;
+                    row[..valid].iter_mut().for_each(|x| *x = *x * inv);
                 }
-                for &x in &row[..valid] {
-                    s = s + x;
-                }
-                let inv = T::one() / s;
-                row[..valid].iter_mut().for_each(|x| *x = *x * inv);
                 row[valid..].iter_mut().for_each(|x| *x = T::zero());
             }
             let op = outp;

@@ -30,8 +30,25 @@ pub struct CpuFrozen<T> {
     pub w: Vec<T>,
     /// The packed NF4 weight when the base is 4-bit.
     pub nf4: Option<qlora_nf4::Nf4Tensor>,
+    /// (n_blocks,) f32: the NF4 weight's per-block absmax (double quantization undone), read
+    /// by the GEMM that dequantizes while packing; empty for a dense weight.
+    pub scales: Vec<f32>,
     pub out_features: usize,
     pub in_features: usize,
+}
+
+impl<T> CpuFrozen<T> {
+    /// The weight as the products read it (the codes alongside the T copy for NF4).
+    pub fn as_ref(&self) -> super::FrozenRef<'_, T> {
+        super::FrozenRef {
+            w: &self.w,
+            nf4: self.nf4.as_ref().map(|t| super::Nf4Codes {
+                packed: &t.packed,
+                scales: &self.scales,
+                blocksize: t.state.blocksize,
+            }),
+        }
+    }
 }
 
 fn lora_of<'a, T>(
@@ -86,6 +103,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         Ok(CpuFrozen {
             w: data.iter().map(|&x| T::of(x as f64)).collect(),
+            scales: nf4
+                .as_ref()
+                .map(|t| t.state.absmax_f32())
+                .unwrap_or_default(),
             nf4,
             out_features: out,
             in_features: inp,
@@ -213,7 +234,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             y,
             u.map(|u| u.as_mut_slice()),
             x,
-            &w.w,
+            w.as_ref(),
             bias.map(|b| b.as_slice()),
             lora_of(lora),
             dims,
@@ -238,7 +259,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             d_y,
             x,
             u.map(|u| u.as_slice()),
-            &w.w,
+            w.as_ref(),
             lora_of(lora),
             dims,
         )

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::Real;
+use super::{vec_f32, Real};
 
 /// The label that contributes nothing (PyTorch `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
@@ -19,8 +19,16 @@ pub fn fwd<T: Real>(lse: &mut [T], logits: &[T], targets: &[i32], v: usize) -> (
         .zip(logits.par_chunks(v))
         .zip(targets)
         .map(|((l, x), &t)| {
-            let m = x.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-            let s = sum_exp(x, m);
+            let (m, s) = match vec_f32::as_f32(x) {
+                Some(x) => {
+                    let m = vec_f32::max(x);
+                    (T::of(m as f64), T::of(vec_f32::sum_exp(x, m) as f64))
+                }
+                None => {
+                    let m = x.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                    (m, sum_exp(x, m))
+                }
+            };
             *l = m + s.ln();
             if t == IGNORE_INDEX {
                 0.0
@@ -44,7 +52,10 @@ pub fn bwd<T: Real>(logits_to_d: &mut [T], lse: &[T], targets: &[i32], v: usize,
             if t == IGNORE_INDEX {
                 x.iter_mut().for_each(|e| *e = T::zero());
             } else {
-                x.iter_mut().for_each(|e| *e = sc * (*e - l).exp_v());
+                match vec_f32::as_f32_mut(x) {
+                    Some(x) => vec_f32::scaled_exp_sub(x, l.f64() as f32, sc.f64() as f32),
+                    None => x.iter_mut().for_each(|e| *e = sc * (*e - l).exp_v()),
+                }
                 x[t as usize] = x[t as usize] - sc;
             }
         });
@@ -52,7 +63,7 @@ pub fn bwd<T: Real>(logits_to_d: &mut [T], lse: &[T], targets: &[i32], v: usize,
 
 /// `Σ exp(x_i − m)` with eight partial sums (a reduction order LLVM may vectorize; the
 /// rounding differs from a serial sum by a few ulps of the total).
-fn sum_exp<T: Real>(x: &[T], m: T) -> T {
+pub(crate) fn sum_exp<T: Real>(x: &[T], m: T) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();

@@ -11,6 +11,7 @@ pub mod rope;
 #[cfg(target_arch = "x86_64")]
 pub mod sgemm_avx512;
 pub mod swiglu;
+pub(crate) mod vec_f32;
 
 use rayon::prelude::*;
 
@@ -170,6 +171,138 @@ pub(crate) unsafe fn gemm_raw<T: Real>(
         false,
         par,
     );
+}
+
+/// The codes of an NF4 weight as the f32 GEMM reads them: `packed` two codes per byte (high
+/// nibble first), `scales` the per-block absmax in f32 (double quantization undone).
+#[derive(Clone, Copy, Debug)]
+pub struct Nf4Codes<'a> {
+    pub packed: &'a [u8],
+    pub scales: &'a [f32],
+    pub blocksize: usize,
+}
+
+/// A frozen `(out, in)` weight as the CPU products read it: the matrix in `T`, and for an NF4
+/// base its codes, which the f32 AVX-512 GEMM dequantizes while packing (the same values,
+/// from an eighth of the bytes) instead of streaming the `T` copy.
+#[derive(Clone, Copy, Debug)]
+pub struct FrozenRef<'a, T> {
+    /// (out·in,) T
+    pub w: &'a [T],
+    pub nf4: Option<Nf4Codes<'a>>,
+}
+
+impl<'a, T> FrozenRef<'a, T> {
+    /// A plain matrix, no codes.
+    pub fn dense(w: &'a [T]) -> Self {
+        FrozenRef { w, nf4: None }
+    }
+}
+
+/// The NF4 GEMM applies when `T` is f32, the CPU has AVX-512F and the product is one the
+/// f32 GEMM would take (`gemm_raw`'s thresholds); `Some(codes)` then.
+#[cfg(target_arch = "x86_64")]
+fn nf4_gemm<'a, T: Real>(
+    w: &FrozenRef<'a, T>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Option<Nf4Codes<'a>> {
+    let codes = w.nf4?;
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && m >= 12
+        && n >= 32
+        && k >= 16
+        && m * n * k >= PAR_MIN_FLOPS
+        && codes.blocksize.is_multiple_of(16)
+        && sgemm_avx512::available())
+    .then_some(codes)
+}
+
+/// `c (m, out) [+]= alpha · a (m, in) · Wᵀ` for a frozen `W (out, in)`.
+#[allow(clippy::too_many_arguments)]
+pub fn mm_frozen_nt<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    w: FrozenRef<'_, T>,
+    m: usize,
+    out: usize,
+    inp: usize,
+    alpha: T,
+    acc: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(codes) = nf4_gemm(&w, m, out, inp) {
+        assert!(c.len() >= m * out && a.len() >= m * inp);
+        let nw = sgemm_avx512::Nf4W {
+            packed: codes.packed,
+            scales: codes.scales,
+            blocksize: codes.blocksize,
+            rows: out,
+            cols: inp,
+        };
+        // SAFETY: T is f32 (nf4_gemm checked); extents asserted above, the codes' in sgemm_nf4.
+        unsafe {
+            sgemm_avx512::sgemm_nf4(
+                m,
+                c.as_mut_ptr() as *mut f32,
+                out,
+                acc,
+                a.as_ptr() as *const f32,
+                inp as isize,
+                1,
+                nw,
+                true,
+                alpha.f64() as f32,
+                true,
+            )
+        };
+        return;
+    }
+    mm_nt(c, a, w.w, m, out, inp, alpha, acc)
+}
+
+/// `c (m, in) [+]= alpha · a (m, out) · W` for a frozen `W (out, in)`.
+#[allow(clippy::too_many_arguments)]
+pub fn mm_frozen_nn<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    w: FrozenRef<'_, T>,
+    m: usize,
+    out: usize,
+    inp: usize,
+    alpha: T,
+    acc: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(codes) = nf4_gemm(&w, m, inp, out) {
+        assert!(c.len() >= m * inp && a.len() >= m * out);
+        let nw = sgemm_avx512::Nf4W {
+            packed: codes.packed,
+            scales: codes.scales,
+            blocksize: codes.blocksize,
+            rows: out,
+            cols: inp,
+        };
+        // SAFETY: as mm_frozen_nt.
+        unsafe {
+            sgemm_avx512::sgemm_nf4(
+                m,
+                c.as_mut_ptr() as *mut f32,
+                inp,
+                acc,
+                a.as_ptr() as *const f32,
+                out as isize,
+                1,
+                nw,
+                false,
+                alpha.f64() as f32,
+                true,
+            )
+        };
+        return;
+    }
+    mm_nn(c, a, w.w, m, inp, out, alpha, acc)
 }
 
 /// `c (m, n) [+]= alpha · a (m, k) · b (n, k)ᵀ` — all row-major contiguous.

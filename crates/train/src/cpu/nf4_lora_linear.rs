@@ -1,12 +1,13 @@
 //! The NF4+LoRA linear on the CPU: the frozen base is the NF4 weight dequantized once to the
-//! compute dtype (`CpuFrozen::w`, cached per linear; the NF4 tensor stays the source of truth).
+//! compute dtype (`CpuFrozen::w`, cached per linear; the NF4 tensor stays the source of truth);
+//! the f32 AVX-512 GEMM reads the codes instead and dequantizes while packing (same values).
 //! fwd `y = x·Wᵀ + bias + S·u·Bᵀ`, `u = x_d·Aᵀ` saved, `x_d = dropout(x)`;
 //! bwd `g = d_y·B`, `dB += S·d_yᵀ·u`, `dA += S·gᵀ·x_d`, `d_x (+)= d_y·W + S·(g·A) ⊙ mask`.
 //! W never gets a gradient.
 
 use rayon::prelude::*;
 
-use super::{dropout_scale, mm_nn, mm_nt, mm_tn, Real};
+use super::{dropout_scale, mm_frozen_nn, mm_frozen_nt, mm_nn, mm_nt, mm_tn, FrozenRef, Real};
 use crate::backend::{Dropout, LinearDims};
 use crate::lora::LoraSlot;
 
@@ -28,7 +29,7 @@ pub fn fwd<T: Real>(
     y: &mut [T],
     u: Option<&mut [T]>,
     x: &[T],
-    w: &[T],
+    w: FrozenRef<'_, T>,
     bias: Option<&[T]>,
     lora: Option<(&[T], &LoraSlot, Option<Dropout>)>,
     dims: LinearDims,
@@ -38,8 +39,8 @@ pub fn fwd<T: Real>(
         in_features: i,
         out_features: o,
     } = dims;
-    assert!(y.len() == n * o && x.len() == n * i && w.len() == o * i);
-    mm_nt(y, x, w, n, o, i, T::one(), false);
+    assert!(y.len() == n * o && x.len() == n * i && w.w.len() == o * i);
+    mm_frozen_nt(y, x, w, n, o, i, T::one(), false);
     if let Some(bias) = bias {
         y.par_chunks_mut(o)
             .for_each(|r| r.iter_mut().zip(bias).for_each(|(y, &b)| *y = *y + b));
@@ -74,7 +75,7 @@ pub fn bwd<T: Real>(
     d_y: &[T],
     x: &[T],
     u: Option<&[T]>,
-    w: &[T],
+    w: FrozenRef<'_, T>,
     lora: Option<(&[T], &LoraSlot, Option<Dropout>)>,
     dims: LinearDims,
 ) {
@@ -83,7 +84,7 @@ pub fn bwd<T: Real>(
         in_features: i,
         out_features: o,
     } = dims;
-    assert!(d_y.len() == n * o && x.len() == n * i && w.len() == o * i);
+    assert!(d_y.len() == n * o && x.len() == n * i && w.w.len() == o * i);
     let mut g = Vec::new();
     let mut xd = None;
     if let Some((params, s, dr)) = lora {
@@ -108,7 +109,7 @@ pub fn bwd<T: Real>(
     }
     if let Some(d_x) = d_x {
         assert_eq!(d_x.len(), n * i);
-        mm_nn(d_x, d_y, w, n, i, o, T::one(), acc_dx);
+        mm_frozen_nn(d_x, d_y, w, n, o, i, T::one(), acc_dx);
         if let Some((params, s, _)) = lora {
             let a = &params[s.a_range()];
             let sc = T::of(s.scale);

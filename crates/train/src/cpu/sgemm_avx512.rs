@@ -35,6 +35,12 @@ pub fn available() -> bool {
 /// false overwrites (the first k-block of a non-accumulating product, so C is never zeroed).
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: usize, add: bool) {
+    // The C tile (MR rows × 128 bytes) is touched once, after the k loop: request its lines
+    // now so the epilogue does not stall on 24 misses (C is megabytes, read once per k-block).
+    for i in 0..MR {
+        _mm_prefetch::<_MM_HINT_T0>(c.add(i * c_rs) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.add(i * c_rs + 16) as *const i8);
+    }
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..kc {
         let b0 = _mm512_loadu_ps(b.add(p * NR));
@@ -71,6 +77,79 @@ struct Mat {
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
+/// A frozen NF4 weight W `(rows, cols)` row-major, borrowed: `packed ((rows·cols + 1) / 2,)`
+/// u8 with `byte[e / 2] = code[e] << 4 | code[e + 1]` (e even), `scales (⌈rows·cols / bs⌉,)`
+/// f32, the per-block absmax with double quantization already undone.
+#[derive(Clone, Copy)]
+pub struct Nf4W<'a> {
+    pub packed: &'a [u8],
+    pub scales: &'a [f32],
+    pub blocksize: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// An NF4 weight as the B operand: `B[p][j] = W[k0 + p][j0 + j]`, or with `trans`
+/// `B[p][j] = W[j0 + j][k0 + p]`; (k0, j0) is the origin of the current block.
+#[derive(Clone, Copy)]
+struct Nf4B {
+    packed: *const u8,
+    scales: *const f32,
+    blocksize: usize,
+    cols: usize,
+    trans: bool,
+    k0: usize,
+    j0: usize,
+}
+unsafe impl Send for Nf4B {}
+unsafe impl Sync for Nf4B {}
+
+impl Nf4B {
+    /// W's flat element index of `B[p][j]` (block-relative p, j).
+    fn flat(&self, p: usize, j: usize) -> usize {
+        if self.trans {
+            (self.j0 + j) * self.cols + self.k0 + p
+        } else {
+            (self.k0 + p) * self.cols + self.j0 + j
+        }
+    }
+    /// `NF4[code(e)] · absmax[e / bs]`, one element.
+    unsafe fn at_flat(&self, e: usize) -> f32 {
+        let byte = *self.packed.add(e / 2);
+        let code = if e.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0x0f
+        };
+        qlora_nf4::codebook::NF4[code as usize] * *self.scales.add(e / self.blocksize)
+    }
+}
+
+/// The B operand of a product.
+#[derive(Clone, Copy)]
+enum BSrc {
+    F32(Mat),
+    Nf4(Nf4B),
+}
+
+impl BSrc {
+    /// The same operand with its origin moved by `dk` rows (k) and `dj` columns (n).
+    fn offset(self, dk: usize, dj: usize) -> BSrc {
+        match self {
+            // SAFETY: the offsets stay inside the operand's extents (callers iterate within).
+            BSrc::F32(b) => BSrc::F32(Mat {
+                p: unsafe { b.p.offset(dk as isize * b.rs + dj as isize * b.cs) },
+                ..b
+            }),
+            BSrc::Nf4(b) => BSrc::Nf4(Nf4B {
+                k0: b.k0 + dk,
+                j0: b.j0 + dj,
+                ..b
+            }),
+        }
+    }
+}
+
 /// `C (m×n, row stride c_rs, unit column stride) [+]= α·A·B`.
 ///
 /// # Safety
@@ -92,18 +171,84 @@ pub unsafe fn sgemm(
     alpha: f32,
     parallel: bool,
 ) {
-    let (am, bm) = (
-        Mat {
-            p: a,
-            rs: a_rs,
-            cs: a_cs,
-        },
-        Mat {
-            p: b,
-            rs: b_rs,
-            cs: b_cs,
-        },
+    let a = Mat {
+        p: a,
+        rs: a_rs,
+        cs: a_cs,
+    };
+    let b = BSrc::F32(Mat {
+        p: b,
+        rs: b_rs,
+        cs: b_cs,
+    });
+    drive(m, n, k, c, c_rs, acc, a, b, alpha, parallel)
+}
+
+/// `C (m×n, row stride c_rs) [+]= α·A·B` with B the NF4 weight `w`: `B = Wᵀ` when `trans`
+/// (`x·Wᵀ`: k = w.cols, n = w.rows), else `B = W` (`d_y·W`: k = w.rows, n = w.cols).
+///
+/// # Safety
+/// A's strided extent `(m, k)` and C's m rows valid, `c` not aliasing `a`, AVX-512F
+/// present. `w`'s lengths are checked here.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_nf4(
+    m: usize,
+    c: *mut f32,
+    c_rs: usize,
+    acc: bool,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    w: Nf4W<'_>,
+    trans: bool,
+    alpha: f32,
+    parallel: bool,
+) {
+    let numel = w.rows * w.cols;
+    assert!(
+        w.packed.len() >= numel.div_ceil(2),
+        "NF4 codes shorter than the weight"
     );
+    assert!(
+        w.blocksize.is_multiple_of(16) && w.scales.len() >= numel.div_ceil(w.blocksize),
+        "NF4 absmax shorter than the weight's blocks (or a blocksize not a multiple of 16)"
+    );
+    let (k, n) = if trans {
+        (w.cols, w.rows)
+    } else {
+        (w.rows, w.cols)
+    };
+    let a = Mat {
+        p: a,
+        rs: a_rs,
+        cs: a_cs,
+    };
+    let b = BSrc::Nf4(Nf4B {
+        packed: w.packed.as_ptr(),
+        scales: w.scales.as_ptr(),
+        blocksize: w.blocksize,
+        cols: w.cols,
+        trans,
+        k0: 0,
+        j0: 0,
+    });
+    drive(m, n, k, c, c_rs, acc, a, b, alpha, parallel)
+}
+
+/// Split the columns of C across rayon tasks and run `block` on each.
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    acc: bool,
+    a: Mat,
+    b: BSrc,
+    alpha: f32,
+    parallel: bool,
+) {
     let cp = SendPtr(c);
     let threads = if parallel {
         rayon::current_num_threads()
@@ -117,32 +262,12 @@ pub unsafe fn sgemm(
     let run = |&(j0, nc): &(usize, usize)| {
         let c = cp.get();
         // SAFETY: each chunk touches columns j0..j0+nc of C only.
-        unsafe {
-            block(
-                m,
-                nc,
-                k,
-                c.add(j0),
-                c_rs,
-                acc,
-                am,
-                offset_cols(bm, j0),
-                alpha,
-            )
-        };
+        unsafe { block(m, nc, k, c.add(j0), c_rs, acc, a, b.offset(0, j0), alpha) };
     };
     if chunks.len() > 1 {
         chunks.par_iter().for_each(run);
     } else {
         chunks.iter().for_each(run);
-    }
-}
-
-fn offset_cols(b: Mat, j0: usize) -> Mat {
-    Mat {
-        // SAFETY: j0 < n, within the operand's column extent.
-        p: unsafe { b.p.offset(j0 as isize * b.cs) },
-        ..b
     }
 }
 
@@ -242,6 +367,81 @@ unsafe fn pack_b(dst: &mut [f32], b: Mat, kc: usize, n: usize) {
     }
 }
 
+/// 16 consecutive weights from flat index `e` (16-aligned, so inside one absmax block, every
+/// blocksize being a multiple of 16): 8 code bytes split into high and low nibbles,
+/// interleaved back into element order, looked up in the 16-entry codebook held in `lut`,
+/// times the block's absmax.
+#[target_feature(enable = "avx512f")]
+unsafe fn dequant16(b: &Nf4B, e: usize, lut: __m512) -> __m512 {
+    let bytes = _mm_loadl_epi64(b.packed.add(e / 2) as *const __m128i);
+    let nibble = _mm_set1_epi8(0x0f);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
+    let lo = _mm_and_si128(bytes, nibble);
+    let codes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+    let vals = _mm512_permutexvar_ps(codes, lut);
+    _mm512_mul_ps(vals, _mm512_set1_ps(*b.scales.add(e / b.blocksize)))
+}
+
+/// `pack_b` for an NF4 operand: the same panel layout, the values dequantized on the way.
+/// With `trans` (`x·Wᵀ`), 16 weight rows × 16 codes are dequantized into registers and
+/// transposed as in `pack_b`; without, each k-step is a row segment of W, two dequantized
+/// vectors per panel row. Elements whose flat index is not 16-aligned in that pattern
+/// (a row length not a multiple of 16, ragged edges) go one by one.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b_nf4(dst: &mut [f32], b: Nf4B, kc: usize, n: usize) {
+    let lut = _mm512_loadu_ps(qlora_nf4::codebook::NF4.as_ptr());
+    let aligned = b.cols.is_multiple_of(16);
+    for (panel, j0) in (0..n).step_by(NR).enumerate() {
+        let out = &mut dst[panel * KC * NR..panel * KC * NR + kc * NR];
+        let w = NR.min(n - j0);
+        let bp = Nf4B { j0: b.j0 + j0, ..b };
+        if b.trans {
+            let (p_simd, w_simd) = if aligned && bp.k0.is_multiple_of(16) {
+                (kc / 16 * 16, w / 16 * 16)
+            } else {
+                (0, 0)
+            };
+            for h in (0..w_simd).step_by(16) {
+                for p0 in (0..p_simd).step_by(16) {
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (jj, v) in r.iter_mut().enumerate() {
+                        *v = dequant16(&bp, bp.flat(p0, h + jj), lut);
+                    }
+                    transpose16(&mut r);
+                    for (pp, v) in r.iter().enumerate() {
+                        _mm512_storeu_ps(out.as_mut_ptr().add((p0 + pp) * NR + h), *v);
+                    }
+                }
+            }
+            for p in 0..kc {
+                let row = &mut out[p * NR..p * NR + NR];
+                let from = if p < p_simd { w_simd } else { 0 };
+                for (jj, o) in row[..w].iter_mut().enumerate().skip(from) {
+                    *o = bp.at_flat(bp.flat(p, jj));
+                }
+                row[w..].iter_mut().for_each(|x| *x = 0.0);
+            }
+        } else {
+            let w_simd = if aligned && bp.j0.is_multiple_of(16) {
+                w / 16 * 16
+            } else {
+                0
+            };
+            for p in 0..kc {
+                let row = &mut out[p * NR..p * NR + NR];
+                let e0 = bp.flat(p, 0);
+                for h in (0..w_simd).step_by(16) {
+                    _mm512_storeu_ps(row.as_mut_ptr().add(h), dequant16(&bp, e0 + h, lut));
+                }
+                for (jj, o) in row[..w].iter_mut().enumerate().skip(w_simd) {
+                    *o = bp.at_flat(e0 + jj);
+                }
+                row[w..].iter_mut().for_each(|x| *x = 0.0);
+            }
+        }
+    }
+}
+
 /// Pack α·(mc × kc) of A at `a` into MR-tall panels `dst[panel][p·MR + i]`, zero-padded.
 /// Row-major A (`cs == 1`, the activations of every forward and backward product): the MR
 /// rows × 16 k-steps are transposed in registers (rows MR…15 zero) and each k-step's MR
@@ -290,7 +490,7 @@ unsafe fn block(
     c_rs: usize,
     acc: bool,
     a: Mat,
-    b: Mat,
+    b: BSrc,
     alpha: f32,
 ) {
     if !acc && k == 0 {
@@ -313,15 +513,10 @@ unsafe fn block(
             let kc = KC.min(k - pc);
             // The first k-block of an overwriting product stores instead of adding.
             let add = acc || pc > 0;
-            pack_b(
-                bpack,
-                Mat {
-                    p: b.p.offset(pc as isize * b.rs),
-                    ..b
-                },
-                kc,
-                n,
-            );
+            match b.offset(pc, 0) {
+                BSrc::F32(b) => pack_b(bpack, b, kc, n),
+                BSrc::Nf4(b) => pack_b_nf4(bpack, b, kc, n),
+            }
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
                 pack_a(
@@ -428,6 +623,101 @@ mod tests {
                                 want.to_bits(),
                                 "A {rows}x{cols} rs{rs} cs{cs} i{} p{p}",
                                 i0 + i
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// An NF4 B operand gives exactly the product of its f32 dequantization through the
+    /// plain path (same packed values, same kernel, same order): bit for bit, both
+    /// orientations, rows that are and are not multiples of 16 (the one-by-one packing),
+    /// blocks of 32 and 64, k crossing KC, overwrite and accumulate, α ≠ 1, parallel.
+    #[test]
+    fn sgemm_nf4_is_sgemm_of_the_dequantized_weight() {
+        if !available() {
+            eprintln!("sgemm_nf4_is_sgemm_of_the_dequantized_weight: skipped, no AVX-512F");
+            return;
+        }
+        let mut seed = 7u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = crate::cpu::splitmix64(seed);
+                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        for &(rows, cols, bs) in &[(64, 320, 64), (70, 48, 32), (33, 70, 64), (512, 288, 64)] {
+            let t = qlora_nf4::Nf4Tensor::quantize(
+                "w",
+                &rnd(rows * cols),
+                &[rows, cols],
+                bs,
+                true,
+                qlora_nf4::Dtype::F32,
+            )
+            .unwrap();
+            let wd = t.dequantize_f32();
+            let scales = t.state.absmax_f32();
+            let nw = Nf4W {
+                packed: &t.packed,
+                scales: &scales,
+                blocksize: bs,
+                rows,
+                cols,
+            };
+            for &m in &[12usize, 29] {
+                for &trans in &[true, false] {
+                    let (k, n) = if trans { (cols, rows) } else { (rows, cols) };
+                    let a = rnd(m * k);
+                    for &(acc, par) in &[(false, false), (true, true)] {
+                        let c0 = rnd(m * n);
+                        let (mut want, mut got) = (c0.clone(), c0);
+                        // B = Wᵀ: element (p, j) at wd[j·cols + p]; B = W: at wd[p·cols + j].
+                        let (b_rs, b_cs) = if trans {
+                            (1, cols as isize)
+                        } else {
+                            (cols as isize, 1)
+                        };
+                        unsafe {
+                            sgemm(
+                                m,
+                                n,
+                                k,
+                                want.as_mut_ptr(),
+                                n,
+                                acc,
+                                a.as_ptr(),
+                                k as isize,
+                                1,
+                                wd.as_ptr(),
+                                b_rs,
+                                b_cs,
+                                0.5,
+                                par,
+                            );
+                            sgemm_nf4(
+                                m,
+                                got.as_mut_ptr(),
+                                n,
+                                acc,
+                                a.as_ptr(),
+                                k as isize,
+                                1,
+                                nw,
+                                trans,
+                                0.5,
+                                par,
+                            );
+                        }
+                        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                            assert_eq!(
+                                w.to_bits(),
+                                g.to_bits(),
+                                "W {rows}x{cols} bs{bs} m{m} trans{trans} acc{acc}: C[{i}]"
                             );
                         }
                     }

@@ -4,12 +4,12 @@
 
 use rayon::prelude::*;
 
-use super::Real;
+use super::{vec_f32, Real};
 
 const CHUNK: usize = 8192;
 
 #[inline]
-fn sigmoid<T: Real>(x: T) -> T {
+pub(crate) fn sigmoid<T: Real>(x: T) -> T {
     T::one() / (T::one() + (-x).exp_v())
 }
 
@@ -20,6 +20,13 @@ pub fn fwd<T: Real>(out: &mut [T], gate: &[T], up: &[T]) {
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
         .for_each(|((o, e), g)| {
+            if let (Some(o), Some(e), Some(g)) = (
+                vec_f32::as_f32_mut(o),
+                vec_f32::as_f32(e),
+                vec_f32::as_f32(g),
+            ) {
+                return vec_f32::swiglu_fwd(o, e, g);
+            }
             for ((o, &e), &g) in o.iter_mut().zip(e).zip(g) {
                 *o = e * sigmoid(e) * g;
             }
@@ -36,6 +43,15 @@ pub fn bwd<T: Real>(d_gate: &mut [T], d_up: &mut [T], d_out: &[T], gate: &[T], u
         .zip(d_out.par_chunks(CHUNK))
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(((de, dg), da), (e, g))| {
+            if let (Some(de), Some(dg), Some(da), Some(e), Some(g)) = (
+                vec_f32::as_f32_mut(de),
+                vec_f32::as_f32_mut(dg),
+                vec_f32::as_f32(da),
+                vec_f32::as_f32(e),
+                vec_f32::as_f32(g),
+            ) {
+                return vec_f32::swiglu_bwd(de, dg, da, e, g);
+            }
             for i in 0..de.len() {
                 let s = sigmoid(e[i]);
                 dg[i] = da[i] * e[i] * s;
