@@ -340,14 +340,18 @@ fn embedding_fwd_bwd_acc() {
     // The frozen bf16 table and the f32 (modules_to_save) copy at an offset in an arena.
     let mut arena = vec![0f32; 10];
     arena.extend_from_slice(&table);
-    let (mut oc, mut og, mut og32) = (
+    let (mut oc, mut og, mut og32, mut oh) = (
         c.zeros(ids.len() * cc),
+        g.zeros(ids.len() * cc),
         g.zeros(ids.len() * cc),
         g.zeros(ids.len() * cc),
     );
     c.embedding_fwd(&mut oc, &ids, &table, 0, cc);
     g.embedding_fwd(&mut og, &ids, &g.upload(&table), 0, cc);
     g.embedding_fwd(&mut og32, &ids, &g.upload_f32(&arena), 10, cc);
+    // The frozen table as the model holds it on the GPU: in host memory.
+    assert!(g.embedding_on_host());
+    g.embedding_fwd_host(&mut oh, &ids, &table, cc);
     let d = values(ids.len() * cc, 16, 1.0);
     // The gradient arena starts nonzero: the scatter must add into it.
     let mut gc = values(10 + v * cc, 36, 0.5);
@@ -358,6 +362,7 @@ fn embedding_fwd_bwd_acc() {
     // A gather of bf16-representable values is exact on both paths.
     assert_eq!(g.download(&og), oc, "embedding fwd (bf16 table)");
     assert_eq!(g.download(&og32), oc, "embedding fwd (f32 arena table)");
+    assert_eq!(g.download(&oh), oc, "embedding fwd (host table)");
     // Scatter-add: each row sums ≤ ⌈77/50⌉+1 = 3 values in another order (f32 atomics).
     check(
         "embedding bwd_acc",

@@ -144,6 +144,20 @@ pub trait Backend: Sync {
         table_off: usize,
         c: usize,
     );
+    /// Does this backend keep the frozen input embedding `(V, C)` in host memory? A step reads
+    /// only its N rows, so a device backend spends no device memory on the table (Llama 3's
+    /// 128 256 × 4096 is 1 GB in bf16) and uploads the gathered rows instead
+    /// ([`Backend::embedding_fwd_host`]).
+    fn embedding_on_host(&self) -> bool {
+        false
+    }
+    /// `out (N, C) = table[ids]` for a host table `(V·C,)` f32 (ids already checked < V).
+    /// Default: gather on the host, upload, copy into `out`.
+    fn embedding_fwd_host(&self, out: &mut Self::Buf, ids: &[u32], table: &[f32], c: usize) {
+        let rows = crate::model::gather_rows(table, ids, c);
+        let tmp = self.upload(&rows);
+        self.copy(out, 0, &tmp, 0, rows.len());
+    }
     /// `d_table[ids[i]] += d_out[i]` into `d_table` at element offset `off`.
     fn embedding_bwd_acc(
         &self,

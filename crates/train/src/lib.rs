@@ -52,7 +52,7 @@ pub use lora::{
     AdapterLayout, AdapterWeights, LoraConfig, LoraInit, LoraSlot, ParamReport, Proj, SavedModule,
     TargetModules,
 };
-pub use model::{BaseFormat, Layer, Linear, Model};
+pub use model::{BaseFormat, Embedding, Layer, Linear, Model};
 pub use schedule::{
     forward_backward, forward_hidden, forward_logits, forward_loss, Adapter, Batch, KvCache,
     LossScale, LossStats, StepOptions,

@@ -53,11 +53,49 @@ pub struct Layer<B: Backend> {
     pub proj: Vec<Linear<B>>,
 }
 
+/// The frozen input embedding `model.embed_tokens.weight (V, C)`, where the backend keeps it
+/// ([`Backend::embedding_on_host`]).
+pub enum Embedding<B: Backend> {
+    /// (V·C,) a backend buffer.
+    Device(B::Buf),
+    /// (V·C,) f32 in host memory: the checkpoint's values exactly (bf16/f16 widen exactly);
+    /// the backend rounds the gathered rows as it would have rounded the table.
+    Host(Vec<f32>),
+}
+
+impl<B: Backend> Embedding<B> {
+    /// Place a host table where `be` keeps embeddings.
+    pub fn new(be: &B, host: Vec<f32>) -> Embedding<B> {
+        if be.embedding_on_host() {
+            Embedding::Host(host)
+        } else {
+            Embedding::Device(be.upload(&host))
+        }
+    }
+    /// The table as host f32 `(V·C,)` (for merging and for a trainable copy's initial value).
+    pub fn to_f32(&self, be: &B) -> Vec<f32> {
+        match self {
+            Embedding::Device(b) => be.download(b),
+            Embedding::Host(t) => t.clone(),
+        }
+    }
+}
+
+/// Rows `ids` of a row-major `(V, C)` table: `(N·C,)`.
+pub fn gather_rows(table: &[f32], ids: &[u32], c: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(ids.len() * c);
+    for &id in ids {
+        let r = id as usize * c;
+        out.extend_from_slice(&table[r..r + c]);
+    }
+    out
+}
+
 /// A Llama-family causal LM with frozen weights.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
     /// (V, C) model.embed_tokens.weight
-    pub embed: B::Buf,
+    pub embed: Embedding<B>,
     pub layers: Vec<Layer<B>>,
     /// (C,) model.norm.weight
     pub norm: B::Buf,
@@ -182,8 +220,9 @@ impl<B: Backend> Model<B> {
             check_shape(src, "lm_head.weight", &[v, c])?;
             src.get_f32("lm_head.weight")?
         };
+        let embed = Embedding::new(be, embed_host);
         Ok(Model {
-            embed: be.upload(&embed_host),
+            embed,
             layers,
             norm: vec1("model.norm.weight", c)?,
             lm_head: Linear {

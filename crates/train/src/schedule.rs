@@ -8,7 +8,7 @@ use crate::cpu::cross_entropy::IGNORE_INDEX;
 use crate::cpu::splitmix64;
 use crate::error::{Result, TrainError};
 use crate::lora::{AdapterLayout, AdapterWeights, LoraConfig, Proj, SavedModule};
-use crate::model::Model;
+use crate::model::{Embedding, Model};
 
 /// An adapter on a backend: parameters and gradients, each ONE flat arena `(numel,)` sliced
 /// by `layout` (the optimizer steps the whole arena at once).
@@ -608,7 +608,10 @@ fn embed<B: Backend>(
             .map(|s| (a, s.offset))
     }) {
         Some((a, off)) => be.embedding_fwd(&mut h, ids, &a.params, off, c),
-        None => be.embedding_fwd(&mut h, ids, &model.embed, 0, c),
+        None => match &model.embed {
+            Embedding::Device(t) => be.embedding_fwd(&mut h, ids, t, 0, c),
+            Embedding::Host(t) => be.embedding_fwd_host(&mut h, ids, t, c),
+        },
     }
     h
 }

@@ -385,6 +385,27 @@ fn kv_cache_forward_matches_full_forward() {
     assert!(e.to_string().contains("KV cache"));
 }
 
+/// An embedding held in host memory (as the CUDA backend holds it) gives the same logits and
+/// LoRA gradients as the table on the backend: the gathered rows are the same values.
+#[test]
+fn host_embedding_is_the_device_embedding() {
+    let be = CpuBackend::<f32>::new();
+    let mut m = Model::load(&be, &fixture("tiny-llama"), BaseFormat::QLORA).unwrap();
+    let w = AdapterWeights::load(&fixture("tiny-llama-lora"), &m.config).unwrap();
+    let ids: Vec<u32> = vec![1, 40, 41, 99, 7, 250, 3, 18];
+    let batch = Batch::causal_lm(ids.clone(), 2, 4).unwrap();
+    let run = |m: &Model<CpuBackend>| {
+        let mut a = Adapter::new(&be, &w);
+        let logits = forward_logits(&be, m, Some(&a), &ids, 2, 4, None).unwrap();
+        let loss = forward_backward(&be, m, &mut a, &batch, StepOptions::default()).unwrap();
+        (logits, loss.sum, a.grads)
+    };
+    let on_device = run(&m);
+    assert!(matches!(m.embed, Embedding::Device(_)));
+    m.embed = Embedding::Host(m.embed.to_f32(&be));
+    assert_eq!(run(&m), on_device);
+}
+
 /// Eval loss of every fixture batch with the trained adapter equals PEFT's
 /// `eval_loss_after_per_batch` (losses.json).
 #[test]

@@ -108,6 +108,10 @@ fn cpu_checkpointed_plan_matches_hand_calculation() {
     // f32 embedding + lm_head + 5 norms, and the f32 compute copy of every projection.
     let proj = L * (2 * C * C + 2 * KVD * C + 3 * I * C);
     assert_eq!(p.dense_weights, (4 * (2 * V * C + 5 * C + proj)) as u64);
+    assert_eq!(
+        p.host_embedding, 0,
+        "the CPU holds the embedding among its weights"
+    );
     assert_eq!((p.workspace, p.cuda_context), (0, 0));
     // Peak: backward of the last layer, right after its recompute buffers are allocated.
     // Live activations: rope table (T, D), h, tmp, the L saved layer inputs, xf, rstdf, the
@@ -153,8 +157,10 @@ fn cuda_bf16_plan_matches_hand_calculation() {
     let p = plan::plan(&request(PlanDevice::Cuda, DeviceDtype::Bf16, true)).unwrap();
     check_resident(&p);
     let e = 2;
-    // bf16 embedding + lm_head + 5 norms; projections only as NF4.
-    assert_eq!(p.dense_weights, (2 * (2 * V * C + 5 * C)) as u64);
+    // bf16 lm_head + 5 norms; projections only as NF4; the embedding is in host memory
+    // (f32, informational, outside the total).
+    assert_eq!(p.dense_weights, (2 * (V * C + 5 * C)) as u64);
+    assert_eq!(p.host_embedding, (4 * V * C) as u64);
     // 32 MiB cuBLASLt + the largest projection dequantized (172×64 bf16) + (N, R) bf16.
     assert_eq!(
         p.workspace,

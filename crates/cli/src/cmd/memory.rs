@@ -111,6 +111,13 @@ pub fn table(name: &str, req: &PlanRequest, p: &MemoryPlan) -> String {
         s += "; paged optimizer state is off the device during forward/backward but counts \
               at the update (the step arena stays allocated)";
     }
+    if p.host_embedding > 0 {
+        s += &format!(
+            "\ninput embedding: {} GiB of f32 in host memory, not on the device (a step \
+             uploads only its N gathered rows)",
+            gib(p.host_embedding)
+        );
+    }
     s
 }
 

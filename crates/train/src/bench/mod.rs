@@ -185,7 +185,7 @@ pub fn random_model<B: Backend>(
             proj,
         });
     }
-    let embed = be.upload(&uniform(&mut rng, v * c, -0.035, 0.035));
+    let embed = crate::model::Embedding::new(be, uniform(&mut rng, v * c, -0.035, 0.035));
     let lm = uniform(&mut rng, v * c, -0.035, 0.035);
     Ok(Model {
         config: config.clone(),

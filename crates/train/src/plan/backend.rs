@@ -343,6 +343,13 @@ impl Backend for PlanBackend {
     fn embedding_fwd(&self, out: &mut PlanBuf, _: &[u32], _: &PlanBuf, _: usize, _: usize) {
         self.wrote(out, Role::Activation);
     }
+    /// As the backend planned for: `CudaBackend` keeps the table on the host.
+    fn embedding_on_host(&self) -> bool {
+        self.layout == Layout::Cuda
+    }
+    fn embedding_fwd_host(&self, out: &mut PlanBuf, _: &[u32], _: &[f32], _: usize) {
+        self.wrote(out, Role::Activation);
+    }
     fn embedding_bwd_acc(&self, d: &mut PlanBuf, _: usize, _: &[u32], _: &PlanBuf, _: usize) {
         self.bwd(&[d]);
     }

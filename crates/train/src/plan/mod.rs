@@ -104,10 +104,14 @@ pub struct MemoryPlan {
     /// Their quantization constants as bitsandbytes stores them (u8 absmax codes, nested
     /// absmax per QB2 blocks, offset, code tables; f32 absmax without double quant).
     pub nf4_constants: u64,
-    /// Unquantized frozen weights in the device dtype: embedding, lm_head (a copy even when
-    /// tied: `Model` holds it as its own frozen linear), norms, biases; dense projections when
-    /// the base is not NF4; on the CPU also the f32 compute copy of every NF4 projection.
+    /// Unquantized frozen weights in the device dtype: lm_head (a copy even when tied:
+    /// `Model` holds it as its own frozen linear), norms, biases; dense projections when the
+    /// base is not NF4; on the CPU also the embedding and the f32 compute copy of every NF4
+    /// projection.
     pub dense_weights: u64,
+    /// Informational (not device memory, not in `total`): the input embedding `CudaBackend`
+    /// keeps in host memory, f32 `(V, C)`; 0 on the CPU, where it is in `dense_weights`.
+    pub host_embedding: u64,
     /// f32 adapter parameters `(numel,)`.
     pub adapter_params: u64,
     /// f32 adapter gradients `(numel,)`.
@@ -164,7 +168,10 @@ impl MemoryPlan {
             ("NF4 weights: codes", self.nf4_codes),
             ("NF4 weights: quantization constants", self.nf4_constants),
             (
-                "unquantized weights (embedding, lm_head, norms)",
+                match self.device {
+                    PlanDevice::Cuda => "unquantized weights (lm_head, norms)",
+                    PlanDevice::Cpu => "unquantized weights (embedding, lm_head, norms)",
+                },
                 self.dense_weights,
             ),
             ("adapter parameters (f32)", self.adapter_params),
@@ -232,7 +239,12 @@ pub fn shape_model(be: &PlanBackend, config: &ModelConfig) -> Model<PlanBackend>
         .collect();
     Model {
         config: config.clone(),
-        embed: be.zeros(v * c),
+        // A host table is never read by the dry run: no data, as everywhere in this model.
+        embed: if be.embedding_on_host() {
+            crate::model::Embedding::Host(Vec::new())
+        } else {
+            crate::model::Embedding::Device(be.zeros(v * c))
+        },
         layers,
         norm: be.zeros(c),
         lm_head: linear(c, v, false),
@@ -318,12 +330,14 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
     // Resident: frozen weights.
     let (c, v) = (cfg.hidden_size, cfg.vocab_size);
     let (mut codes, mut constants) = (0u64, 0u64);
-    // embedding + lm_head + (2L + 1) norms, in elements.
-    let mut dense = 2 * v * c + (2 * cfg.num_layers + 1) * c;
+    // lm_head + (2L + 1) norms, and on the CPU the embedding, in elements (CudaBackend keeps
+    // the embedding in host memory: `Backend::embedding_on_host`).
+    let embed_on_device = req.device == PlanDevice::Cpu;
+    let mut dense = (1 + embed_on_device as usize) * v * c + (2 * cfg.num_layers + 1) * c;
     let mut largest_proj = 0usize;
     // Bytes of each resident device allocation (CudaBackend: one per tensor), for the pool
-    // model: embedding, lm_head, the norms.
-    let mut resident: Vec<usize> = vec![v * c * el, v * c * el];
+    // model: lm_head (and the embedding when on the device), the norms.
+    let mut resident: Vec<usize> = vec![v * c * el; 1 + embed_on_device as usize];
     resident.extend(std::iter::repeat_n(c * el, 2 * cfg.num_layers + 1));
     // Distinct dequantize-to-scratch sizes (the pool caches one block per size class).
     let mut dequant_sizes: Vec<usize> = Vec::new();
@@ -437,6 +451,11 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
         nf4_codes: codes,
         nf4_constants: constants,
         dense_weights,
+        host_embedding: if embed_on_device {
+            0
+        } else {
+            (4 * v * c) as u64
+        },
         adapter_params,
         adapter_grads,
         optimizer_state,

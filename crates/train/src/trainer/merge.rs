@@ -111,7 +111,7 @@ pub fn merge(
             replaced.push("embed_tokens".to_string());
             x.to_vec()
         }
-        None => be.download(&model.embed),
+        None => model.embed.to_f32(&be),
     };
     tensors.push(out_tensor(
         "model.embed_tokens.weight".into(),

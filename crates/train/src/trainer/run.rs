@@ -272,7 +272,7 @@ impl<B: TrainBackend> Trainer<B> {
                 let w = AdapterWeights::init(&lora, &model.config, config.seed, |m| {
                     Ok(match m {
                         SavedModule::LmHead => be.frozen_to_f32(&model.lm_head.w),
-                        SavedModule::EmbedTokens => be.download(&model.embed),
+                        SavedModule::EmbedTokens => model.embed.to_f32(&be),
                     })
                 })?;
                 (w, None)
