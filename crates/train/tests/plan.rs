@@ -105,8 +105,14 @@ fn cpu_checkpointed_plan_matches_hand_calculation() {
     let p = plan::plan(&request(PlanDevice::Cpu, DeviceDtype::F32, true)).unwrap();
     check_resident(&p);
     let e = 4;
-    // f32 embedding + lm_head + 5 norms, and the f32 compute copy of every projection.
-    let proj = L * (2 * C * C + 2 * KVD * C + 3 * I * C);
+    // f32 embedding + lm_head + 5 norms, and per projection the f32 block scales of the
+    // GEMM that reads NF4 codes (or, without AVX-512F, its f32 compute copy).
+    let sizes = 2 * C * C + 2 * KVD * C + 3 * I * C;
+    let proj = if qlora_train::cpu::reads_nf4_codes::<f32>(64) {
+        L * (2 * C * C / 64 + 2 * KVD * C / 64 + 3 * I * C / 64)
+    } else {
+        L * sizes
+    };
     assert_eq!(p.dense_weights, (4 * (2 * V * C + 5 * C + proj)) as u64);
     assert_eq!(
         p.host_embedding, 0,

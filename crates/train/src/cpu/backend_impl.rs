@@ -22,16 +22,17 @@ impl<T: Real> CpuBackend<T> {
     }
 }
 
-/// A frozen linear weight on the CPU: the dequantized (or widened) `(out, in)` matrix in `T`,
-/// cached once at load (exact: NF4 dequantization is one f32 product), plus the NF4 tensor it
-/// came from, which stays the source of truth (saved, hashed, merged from).
+/// A frozen linear weight on the CPU: the NF4 tensor (the source of truth: saved, hashed,
+/// merged from) and, when the GEMM cannot read NF4 codes itself (f64, no AVX-512F:
+/// [`super::reads_nf4_codes`]), its dequantized `(out, in)` matrix in `T` cached at load
+/// (exact: NF4 dequantization is one f32 product); a dense weight is that matrix alone.
 pub struct CpuFrozen<T> {
-    /// (out·in,) T, the compute copy
+    /// (out·in,) T, the compute copy; empty for an NF4 weight the GEMM reads as codes
     pub w: Vec<T>,
     /// The packed NF4 weight when the base is 4-bit.
     pub nf4: Option<qlora_nf4::Nf4Tensor>,
     /// (n_blocks,) f32: the NF4 weight's per-block absmax (double quantization undone), read
-    /// by the GEMM that dequantizes while packing; empty for a dense weight.
+    /// by the GEMM that dequantizes while packing; empty when `w` holds the weight.
     pub scales: Vec<f32>,
     pub out_features: usize,
     pub in_features: usize,
@@ -91,10 +92,28 @@ impl<T: Real> Backend for CpuBackend<T> {
                         format!("NF4 shape {:?}, expected [{out}, {inp}]", t.shape()),
                     ));
                 }
-                (t.dequantize_f32(), Some(t))
+                // The GEMM reads codes and constants directly: their lengths must hold.
+                t.state.validate(name)?;
+                if t.packed.len() < (out * inp).div_ceil(2) {
+                    return Err(TrainError::tensor(
+                        "<model>",
+                        name,
+                        format!(
+                            "{} bytes of NF4 codes for {out}×{inp} weights",
+                            t.packed.len()
+                        ),
+                    ));
+                }
+                // The GEMM reads the codes where it can; otherwise the T copy it multiplies.
+                let copy = if super::reads_nf4_codes::<T>(t.state.blocksize) {
+                    Vec::new()
+                } else {
+                    t.dequantize_f32()
+                };
+                (copy, Some(t))
             }
         };
-        if data.len() != out * inp {
+        if nf4.is_none() && data.len() != out * inp {
             return Err(TrainError::tensor(
                 "<model>",
                 name,
@@ -103,17 +122,21 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         Ok(CpuFrozen {
             w: data.iter().map(|&x| T::of(x as f64)).collect(),
-            scales: nf4
-                .as_ref()
-                .map(|t| t.state.absmax_f32())
-                .unwrap_or_default(),
+            // Only the code-reading GEMM needs the per-block scales.
+            scales: match &nf4 {
+                Some(t) if data.is_empty() => t.state.absmax_f32(),
+                _ => Vec::new(),
+            },
             nf4,
             out_features: out,
             in_features: inp,
         })
     }
     fn frozen_to_f32(&self, w: &CpuFrozen<T>) -> Vec<f32> {
-        w.w.iter().map(|&x| x.f64() as f32).collect()
+        match &w.nf4 {
+            Some(t) if w.w.is_empty() => t.dequantize_f32(),
+            _ => w.w.iter().map(|&x| x.f64() as f32).collect(),
+        }
     }
 
     fn copy(&self, dst: &mut Vec<T>, dst_off: usize, src: &Vec<T>, src_off: usize, n: usize) {

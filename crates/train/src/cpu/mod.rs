@@ -184,10 +184,10 @@ pub struct Nf4Codes<'a> {
 
 /// A frozen `(out, in)` weight as the CPU products read it: the matrix in `T`, and for an NF4
 /// base its codes, which the f32 AVX-512 GEMM dequantizes while packing (the same values,
-/// from an eighth of the bytes) instead of streaming the `T` copy.
+/// from an eighth of the bytes; [`reads_nf4_codes`]).
 #[derive(Clone, Copy, Debug)]
 pub struct FrozenRef<'a, T> {
-    /// (out·in,) T
+    /// (out·in,) T; empty when `nf4` is given and [`reads_nf4_codes`] holds.
     pub w: &'a [T],
     pub nf4: Option<Nf4Codes<'a>>,
 }
@@ -199,24 +199,29 @@ impl<'a, T> FrozenRef<'a, T> {
     }
 }
 
-/// The NF4 GEMM applies when `T` is f32, the CPU has AVX-512F and the product is one the
-/// f32 GEMM would take (`gemm_raw`'s thresholds); `Some(codes)` then.
+/// Does the f32 AVX-512 GEMM read NF4 codes of this blocksize for element type `T`? Then it
+/// serves every product with a frozen NF4 weight (any m, decoding's m = 1 included) and the
+/// backend keeps no `T` copy of the weight ([`CpuFrozen::w`] is empty).
+pub fn reads_nf4_codes<T: Real>(blocksize: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && blocksize.is_multiple_of(16)
+            && sgemm_avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = blocksize;
+        false
+    }
+}
+
+/// The codes, when the NF4 GEMM takes this product (empty products go to `mm_*`, which
+/// return at once).
 #[cfg(target_arch = "x86_64")]
-fn nf4_gemm<'a, T: Real>(
-    w: &FrozenRef<'a, T>,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Option<Nf4Codes<'a>> {
+fn nf4_gemm<'a, T: Real>(w: &FrozenRef<'a, T>, m: usize, n: usize) -> Option<Nf4Codes<'a>> {
     let codes = w.nf4?;
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-        && m >= 12
-        && n >= 32
-        && k >= 16
-        && m * n * k >= PAR_MIN_FLOPS
-        && codes.blocksize.is_multiple_of(16)
-        && sgemm_avx512::available())
-    .then_some(codes)
+    (m > 0 && n > 0 && reads_nf4_codes::<T>(codes.blocksize)).then_some(codes)
 }
 
 /// `c (m, out) [+]= alpha · a (m, in) · Wᵀ` for a frozen `W (out, in)`.
@@ -232,7 +237,7 @@ pub fn mm_frozen_nt<T: Real>(
     acc: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(codes) = nf4_gemm(&w, m, out, inp) {
+    if let Some(codes) = nf4_gemm(&w, m, out) {
         assert!(c.len() >= m * out && a.len() >= m * inp);
         let nw = sgemm_avx512::Nf4W {
             packed: codes.packed,
@@ -259,6 +264,10 @@ pub fn mm_frozen_nt<T: Real>(
         };
         return;
     }
+    assert!(
+        !w.w.is_empty() || m * out == 0,
+        "frozen weight without a compute copy"
+    );
     mm_nt(c, a, w.w, m, out, inp, alpha, acc)
 }
 
@@ -275,7 +284,7 @@ pub fn mm_frozen_nn<T: Real>(
     acc: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(codes) = nf4_gemm(&w, m, inp, out) {
+    if let Some(codes) = nf4_gemm(&w, m, inp) {
         assert!(c.len() >= m * inp && a.len() >= m * out);
         let nw = sgemm_avx512::Nf4W {
             packed: codes.packed,
@@ -302,6 +311,10 @@ pub fn mm_frozen_nn<T: Real>(
         };
         return;
     }
+    assert!(
+        !w.w.is_empty() || m * inp == 0,
+        "frozen weight without a compute copy"
+    );
     mm_nn(c, a, w.w, m, inp, out, alpha, acc)
 }
 

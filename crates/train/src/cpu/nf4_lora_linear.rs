@@ -1,6 +1,6 @@
-//! The NF4+LoRA linear on the CPU: the frozen base is the NF4 weight dequantized once to the
-//! compute dtype (`CpuFrozen::w`, cached per linear; the NF4 tensor stays the source of truth);
-//! the f32 AVX-512 GEMM reads the codes instead and dequantizes while packing (same values).
+//! The NF4+LoRA linear on the CPU: the f32 AVX-512 GEMM reads the frozen base as NF4 codes and
+//! dequantizes while packing; elsewhere (f64, no AVX-512F) the base is the NF4 weight
+//! dequantized once to the compute dtype (`CpuFrozen::w`). Same values either way.
 //! fwd `y = x·Wᵀ + bias + S·u·Bᵀ`, `u = x_d·Aᵀ` saved, `x_d = dropout(x)`;
 //! bwd `g = d_y·B`, `dB += S·d_yᵀ·u`, `dA += S·gᵀ·x_d`, `d_x (+)= d_y·W + S·(g·A) ⊙ mask`.
 //! W never gets a gradient.
@@ -39,7 +39,7 @@ pub fn fwd<T: Real>(
         in_features: i,
         out_features: o,
     } = dims;
-    assert!(y.len() == n * o && x.len() == n * i && w.w.len() == o * i);
+    assert!(y.len() == n * o && x.len() == n * i && (w.w.len() == o * i || w.nf4.is_some()));
     mm_frozen_nt(y, x, w, n, o, i, T::one(), false);
     if let Some(bias) = bias {
         y.par_chunks_mut(o)
@@ -84,7 +84,7 @@ pub fn bwd<T: Real>(
         in_features: i,
         out_features: o,
     } = dims;
-    assert!(d_y.len() == n * o && x.len() == n * i && w.w.len() == o * i);
+    assert!(d_y.len() == n * o && x.len() == n * i && (w.w.len() == o * i || w.nf4.is_some()));
     let mut g = Vec::new();
     let mut xd = None;
     if let Some((params, s, dr)) = lora {

@@ -45,8 +45,8 @@ pub enum PlanDevice {
     /// `CudaBackend`: NF4 codes resident, activations and 16-bit weights in `dtype`,
     /// flash-style attention (saves the log-sum-exp), cuBLASLt workspace, CUDA context.
     Cuda,
-    /// `CpuBackend<f32>`: f32 everything; each frozen projection keeps an f32 compute copy
-    /// beside its NF4 codes; attention saves its probabilities.
+    /// `CpuBackend<f32>`: f32 everything; each frozen projection keeps its NF4 codes and f32
+    /// block scales (an f32 compute copy without AVX-512F); attention saves its probabilities.
     Cpu,
 }
 
@@ -106,8 +106,9 @@ pub struct MemoryPlan {
     pub nf4_constants: u64,
     /// Unquantized frozen weights in the device dtype: lm_head (a copy even when tied:
     /// `Model` holds it as its own frozen linear), norms, biases; dense projections when the
-    /// base is not NF4; on the CPU also the embedding and the f32 compute copy of every NF4
-    /// projection.
+    /// base is not NF4; on the CPU also the embedding and, per NF4 projection, the f32 block
+    /// scales its AVX-512 GEMM reads the codes with (or, on a CPU without AVX-512F, the f32
+    /// compute copy of the weight).
     pub dense_weights: u64,
     /// Informational (not device memory, not in `total`): the input embedding `CudaBackend`
     /// keeps in host memory, f32 `(V, C)`; 0 on the CPU, where it is in `dense_weights`.
@@ -375,8 +376,14 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
                     } else {
                         resident.push(4 * blocks);
                     }
+                    // CpuBackend: the f32 per-block scales its GEMM reads the codes with, or
+                    // (f64, no AVX-512F) the f32 compute copy of the weight.
                     if req.device == PlanDevice::Cpu {
-                        dense += inf * outf;
+                        dense += if crate::cpu::reads_nf4_codes::<f32>(blocksize) {
+                            blocks
+                        } else {
+                            inf * outf
+                        };
                     }
                 }
                 BaseFormat::Dense => {
