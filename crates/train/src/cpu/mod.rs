@@ -236,39 +236,7 @@ pub fn mm_frozen_nt<T: Real>(
     alpha: T,
     acc: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(codes) = nf4_gemm(&w, m, out) {
-        assert!(c.len() >= m * out && a.len() >= m * inp);
-        let nw = sgemm_avx512::Nf4W {
-            packed: codes.packed,
-            scales: codes.scales,
-            blocksize: codes.blocksize,
-            rows: out,
-            cols: inp,
-        };
-        // SAFETY: T is f32 (nf4_gemm checked); extents asserted above, the codes' in sgemm_nf4.
-        unsafe {
-            sgemm_avx512::sgemm_nf4(
-                m,
-                c.as_mut_ptr() as *mut f32,
-                out,
-                acc,
-                a.as_ptr() as *const f32,
-                inp as isize,
-                1,
-                nw,
-                true,
-                alpha.f64() as f32,
-                true,
-            )
-        };
-        return;
-    }
-    assert!(
-        !w.w.is_empty() || m * out == 0,
-        "frozen weight without a compute copy"
-    );
-    mm_nt(c, a, w.w, m, out, inp, alpha, acc)
+    mm_frozen(c, a, w, m, out, inp, alpha, acc, true)
 }
 
 /// `c (m, in) [+]= alpha · a (m, out) · W` for a frozen `W (out, in)`.
@@ -283,9 +251,27 @@ pub fn mm_frozen_nn<T: Real>(
     alpha: T,
     acc: bool,
 ) {
+    mm_frozen(c, a, w, m, out, inp, alpha, acc, false)
+}
+
+/// `c (m, n) [+]= alpha · a (m, k) · op(W)`: `op(W) = Wᵀ` (k = in, n = out) when `trans`,
+/// else `W` (k = out, n = in).
+#[allow(clippy::too_many_arguments)]
+fn mm_frozen<T: Real>(
+    c: &mut [T],
+    a: &[T],
+    w: FrozenRef<'_, T>,
+    m: usize,
+    out: usize,
+    inp: usize,
+    alpha: T,
+    acc: bool,
+    trans: bool,
+) {
+    let (k, n) = if trans { (inp, out) } else { (out, inp) };
     #[cfg(target_arch = "x86_64")]
-    if let Some(codes) = nf4_gemm(&w, m, inp) {
-        assert!(c.len() >= m * inp && a.len() >= m * out);
+    if let Some(codes) = nf4_gemm(&w, m, n) {
+        assert!(c.len() >= m * n && a.len() >= m * k);
         let nw = sgemm_avx512::Nf4W {
             packed: codes.packed,
             scales: codes.scales,
@@ -293,18 +279,18 @@ pub fn mm_frozen_nn<T: Real>(
             rows: out,
             cols: inp,
         };
-        // SAFETY: as mm_frozen_nt.
+        // SAFETY: T is f32 (nf4_gemm checked); extents asserted above, the codes' in sgemm_nf4.
         unsafe {
             sgemm_avx512::sgemm_nf4(
                 m,
                 c.as_mut_ptr() as *mut f32,
-                inp,
+                n,
                 acc,
                 a.as_ptr() as *const f32,
-                out as isize,
+                k as isize,
                 1,
                 nw,
-                false,
+                trans,
                 alpha.f64() as f32,
                 true,
             )
@@ -312,10 +298,14 @@ pub fn mm_frozen_nn<T: Real>(
         return;
     }
     assert!(
-        !w.w.is_empty() || m * inp == 0,
+        !w.w.is_empty() || m * n == 0,
         "frozen weight without a compute copy"
     );
-    mm_nn(c, a, w.w, m, inp, out, alpha, acc)
+    if trans {
+        mm_nt(c, a, w.w, m, out, inp, alpha, acc)
+    } else {
+        mm_nn(c, a, w.w, m, inp, out, alpha, acc)
+    }
 }
 
 /// `c (m, n) [+]= alpha · a (m, k) · b (n, k)ᵀ` — all row-major contiguous.
