@@ -389,7 +389,8 @@ unsafe fn dequant16(b: &Nf4B, e: usize, lut: __m512) -> __m512 {
 /// With `trans` (`x·Wᵀ`), 16 weight rows × 16 codes are dequantized into registers and
 /// transposed as in `pack_b`; without, each k-step is a row segment of W, two dequantized
 /// vectors per panel row. Elements whose flat index is not 16-aligned in that pattern
-/// (a row length not a multiple of 16, ragged edges) go one by one.
+/// (a row length not a multiple of 16, ragged edges) go one by one. (The loop mirrors
+/// `pack_b`'s; one generic packer over load closures measured 4 % slower per training step.)
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_nf4(dst: &mut [f32], b: Nf4B, kc: usize, n: usize) {
     let lut = _mm512_loadu_ps(qlora_nf4::codebook::NF4.as_ptr());
