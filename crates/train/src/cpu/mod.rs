@@ -279,6 +279,22 @@ fn mm_frozen<T: Real>(
             rows: out,
             cols: inp,
         };
+        if trans && m <= sgemm_avx512::GEMV_MAX_ROWS && sgemm_avx512::can_gemv_nf4(&nw) {
+            // SAFETY: as below.
+            unsafe {
+                sgemm_avx512::gemv_nf4(
+                    m,
+                    c.as_mut_ptr() as *mut f32,
+                    n,
+                    acc,
+                    a.as_ptr() as *const f32,
+                    k,
+                    nw,
+                    alpha.f64() as f32,
+                )
+            };
+            return;
+        }
         // SAFETY: T is f32 (nf4_gemm checked); extents asserted above, the codes' in sgemm_nf4.
         unsafe {
             sgemm_avx512::sgemm_nf4(

@@ -238,6 +238,89 @@ pub unsafe fn sgemm_nf4(
     drive(m, n, k, c, c_rs, acc, a, b, alpha, parallel)
 }
 
+/// Rows of A up to which [`gemv_nf4`] serves `x·Wᵀ` (decoding: one row per sequence). The
+/// packed GEMM computes MR rows per tile whatever m is and dequantizes the whole weight into
+/// panels first; reading each code once straight into m dot products is 3–5× faster there.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// `C (m×rows, row stride c_rs) [+]= α·A·Wᵀ` for small m (≤ [`GEMV_MAX_ROWS`]), W NF4
+/// `(rows, cols)`: per output o, 16 codes at a time are dequantized (as `pack_b_nf4` does)
+/// and multiplied into m running 16-lane sums, reduced at the end of the row. The order of
+/// additions differs from the packed GEMM's (16 partial sums per output, then a tree), not
+/// the values multiplied. Needs `cols` a multiple of 16 (`can_gemv_nf4`).
+///
+/// # Safety
+/// A's rows `(m, cols)` at stride `a_rs` and C's rows valid, `c` not aliasing `a`, AVX-512F.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemv_nf4(
+    m: usize,
+    c: *mut f32,
+    c_rs: usize,
+    acc: bool,
+    a: *const f32,
+    a_rs: usize,
+    w: Nf4W<'_>,
+    alpha: f32,
+) {
+    assert!(m <= GEMV_MAX_ROWS && can_gemv_nf4(&w));
+    let numel = w.rows * w.cols;
+    assert!(w.packed.len() >= numel.div_ceil(2) && w.scales.len() >= numel.div_ceil(w.blocksize));
+    let b = Nf4B {
+        packed: w.packed.as_ptr(),
+        scales: w.scales.as_ptr(),
+        blocksize: w.blocksize,
+        cols: w.cols,
+        trans: true,
+        k0: 0,
+        j0: 0,
+    };
+    let (cp, ap) = (SendPtr(c), SendPtr(a as *mut f32));
+    // Output rows per task: enough work to amortise a task, several tasks per thread.
+    let per = (1 << 16) / w.cols.max(1) + 1;
+    (0..w.rows.div_ceil(per)).into_par_iter().for_each(|t| {
+        let (o0, o1) = (t * per, ((t + 1) * per).min(w.rows));
+        // SAFETY: this task writes C's columns o0..o1 only; extents as the caller's.
+        unsafe { gemv_rows(m, cp.get(), c_rs, acc, ap.get(), a_rs, &b, alpha, o0, o1) };
+    });
+}
+
+/// Does [`gemv_nf4`] take this weight? (Rows of 16-aligned codes: `cols % 16 == 0`.)
+pub fn can_gemv_nf4(w: &Nf4W<'_>) -> bool {
+    w.cols.is_multiple_of(16) && w.blocksize.is_multiple_of(16)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_rows(
+    m: usize,
+    c: *mut f32,
+    c_rs: usize,
+    acc: bool,
+    a: *const f32,
+    a_rs: usize,
+    b: &Nf4B,
+    alpha: f32,
+    o0: usize,
+    o1: usize,
+) {
+    let lut = _mm512_loadu_ps(qlora_nf4::codebook::NF4.as_ptr());
+    for o in o0..o1 {
+        let mut sums = [_mm512_setzero_ps(); GEMV_MAX_ROWS];
+        let row = o * b.cols;
+        for i in (0..b.cols).step_by(16) {
+            let wv = dequant16(b, row + i, lut);
+            for (r, s) in sums.iter_mut().enumerate().take(m) {
+                *s = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(r * a_rs + i)), wv, *s);
+            }
+        }
+        for (r, s) in sums.iter().enumerate().take(m) {
+            let v = alpha * _mm512_reduce_add_ps(*s);
+            let cv = c.add(r * c_rs + o);
+            *cv = if acc { *cv + v } else { v };
+        }
+    }
+}
+
 /// Split the columns of C across rayon tasks and run `block` on each.
 #[allow(clippy::too_many_arguments)]
 unsafe fn drive(
@@ -722,6 +805,66 @@ mod tests {
                                 w.to_bits(),
                                 g.to_bits(),
                                 "W {rows}x{cols} bs{bs} m{m} trans{trans} acc{acc}: C[{i}]"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The small-m NF4 product against an f64 product of the dequantized weight: every m up
+    /// to GEMV_MAX_ROWS, overwrite and accumulate, α ≠ 1, blocks of 32 and 64.
+    #[test]
+    fn gemv_nf4_matches_the_dequantized_product() {
+        if !available() {
+            eprintln!("gemv_nf4_matches_the_dequantized_product: skipped, no AVX-512F");
+            return;
+        }
+        let mut seed = 11u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = crate::cpu::splitmix64(seed);
+                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        for &(rows, cols, bs) in &[(70, 48, 32), (300, 320, 64)] {
+            let t = qlora_nf4::Nf4Tensor::quantize(
+                "w",
+                &rnd(rows * cols),
+                &[rows, cols],
+                bs,
+                true,
+                qlora_nf4::Dtype::F32,
+            )
+            .unwrap();
+            let wd = t.dequantize_f32();
+            let scales = t.state.absmax_f32();
+            let nw = Nf4W {
+                packed: &t.packed,
+                scales: &scales,
+                blocksize: bs,
+                rows,
+                cols,
+            };
+            for m in 1..=GEMV_MAX_ROWS {
+                let a = rnd(m * cols);
+                for acc in [false, true] {
+                    let c0 = rnd(m * rows);
+                    let mut got = c0.clone();
+                    unsafe { gemv_nf4(m, got.as_mut_ptr(), rows, acc, a.as_ptr(), cols, nw, 0.5) };
+                    for r in 0..m {
+                        for o in 0..rows {
+                            let dot: f64 = (0..cols)
+                                .map(|i| a[r * cols + i] as f64 * wd[o * cols + i] as f64)
+                                .sum();
+                            let want = 0.5 * dot + if acc { c0[r * rows + o] as f64 } else { 0.0 };
+                            let g = got[r * rows + o] as f64;
+                            assert!(
+                                (g - want).abs() < 1e-5,
+                                "W {rows}x{cols} m{m} acc{acc} C[{r}][{o}]: {g} vs {want}"
                             );
                         }
                     }
