@@ -305,10 +305,15 @@ fn print_summary(s: &Summary, c: &TrainConfig) {
         human_bytes(s.memory.total() as u64),
         human_bytes(s.memory.base as u64),
         match (s.device.starts_with("cpu"), s.nf4_base) {
+            (true, true) if qlora_train::cpu::reads_nf4_codes::<f32>(64) => {
+                "NF4 codes read by the GEMM + f32 embeddings, norms and lm_head on the CPU"
+            }
             (true, true) => "f32 compute copy on the CPU + NF4 codes",
-            (true, false) => "f32 compute copy on the CPU",
-            (false, true) => "NF4 codes + bf16 embeddings, norms and lm_head on the GPU",
-            (false, false) => "bf16 on the GPU",
+            (true, false) => "f32 on the CPU",
+            (false, true) => {
+                "NF4 codes + bf16 norms and lm_head on the GPU (input embedding in host memory)"
+            }
+            (false, false) => "bf16 on the GPU (input embedding in host memory)",
         },
         human_bytes(s.memory.adapter as u64),
         c.batch_size,

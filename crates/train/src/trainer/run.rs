@@ -81,8 +81,9 @@ pub struct Summary {
 /// start-of-run summary, for a micro-batch of `batch_size × max_seq_len` (the worst case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryEstimate {
-    /// Frozen base as held (the CPU keeps an f32 compute copy of every projection beside its
-    /// NF4 codes; CUDA the NF4 codes and bf16 dense weights).
+    /// Frozen base as held (the CPU: NF4 codes its GEMM reads, f32 embedding, norms and
+    /// lm_head — an f32 compute copy of each projection on CPUs without AVX-512F; CUDA: NF4
+    /// codes and bf16 norms and lm_head, the input embedding staying in host memory).
     pub base: usize,
     /// Adapter parameters + gradients + optimizer state.
     pub adapter: usize,
