@@ -650,6 +650,30 @@ unsafe fn block(
 mod tests {
     use super::*;
 
+    /// `n` values uniform in [−0.5, 0.5) from a splitmix64 stream.
+    fn uniform(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = crate::cpu::splitmix64(*seed);
+                (*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// `w (rows, cols)` quantized to NF4 (double quant) and its f32 block scales.
+    fn nf4_weight(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        bs: usize,
+    ) -> (qlora_nf4::Nf4Tensor, Vec<f32>) {
+        let t =
+            qlora_nf4::Nf4Tensor::quantize("w", w, &[rows, cols], bs, true, qlora_nf4::Dtype::F32)
+                .unwrap();
+        let scales = t.state.absmax_f32();
+        (t, scales)
+    }
+
     /// The register-transposing packers are pure data movement (and one α multiply): they
     /// must produce exactly the bytes of the element-by-element definition, for contiguous
     /// rows, contiguous columns and general strides, full and ragged panels.
@@ -729,26 +753,10 @@ mod tests {
             return;
         }
         let mut seed = 7u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = crate::cpu::splitmix64(seed);
-                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
+        let mut rnd = |n: usize| uniform(&mut seed, n);
         for &(rows, cols, bs) in &[(64, 320, 64), (70, 48, 32), (33, 70, 64), (512, 288, 64)] {
-            let t = qlora_nf4::Nf4Tensor::quantize(
-                "w",
-                &rnd(rows * cols),
-                &[rows, cols],
-                bs,
-                true,
-                qlora_nf4::Dtype::F32,
-            )
-            .unwrap();
+            let (t, scales) = nf4_weight(&rnd(rows * cols), rows, cols, bs);
             let wd = t.dequantize_f32();
-            let scales = t.state.absmax_f32();
             let nw = Nf4W {
                 packed: &t.packed,
                 scales: &scales,
@@ -822,26 +830,10 @@ mod tests {
             return;
         }
         let mut seed = 11u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = crate::cpu::splitmix64(seed);
-                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
+        let mut rnd = |n: usize| uniform(&mut seed, n);
         for &(rows, cols, bs) in &[(70, 48, 32), (300, 320, 64)] {
-            let t = qlora_nf4::Nf4Tensor::quantize(
-                "w",
-                &rnd(rows * cols),
-                &[rows, cols],
-                bs,
-                true,
-                qlora_nf4::Dtype::F32,
-            )
-            .unwrap();
+            let (t, scales) = nf4_weight(&rnd(rows * cols), rows, cols, bs);
             let wd = t.dequantize_f32();
-            let scales = t.state.absmax_f32();
             let nw = Nf4W {
                 packed: &t.packed,
                 scales: &scales,
@@ -883,14 +875,7 @@ mod tests {
             return;
         }
         let mut seed = 1u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = crate::cpu::splitmix64(seed);
-                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
+        let mut rnd = |n: usize| uniform(&mut seed, n);
         for &(m, n, k) in &[
             (12, 32, 16),
             (13, 70, 300),
