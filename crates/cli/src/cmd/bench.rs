@@ -202,12 +202,22 @@ pub fn run(a: Args) -> Result<()> {
     let (times, peak, peak_tflops) = match device {
         PlanDevice::Cpu => {
             let adamw = s.adamw.clone();
+            // The planner models the run's buffers, not the binary and its libraries: compare
+            // with the peak above the resident set before the model exists.
+            let base = bench::process_rss().unwrap_or(0);
             let (t, p) = bench_on(
                 &s,
                 &a,
                 CpuBackend::<f32>::new(),
                 |_, adapter| Ok(bench::host_adamw(&adapter.layout, adamw)?),
-                |_| bench::process_peak_rss().map(|b| (b, "process peak RSS, VmHWM")),
+                |_| {
+                    bench::process_peak_rss().map(|b| {
+                        (
+                            b.saturating_sub(base),
+                            "process peak RSS above its resident set before the model",
+                        )
+                    })
+                },
             )?;
             (t, p, a.peak_tflops)
         }

@@ -398,8 +398,18 @@ pub fn run<B: Backend, O: AdapterOptimizer<B>>(
 /// The process's peak resident set (`VmHWM` of /proc/self/status), bytes; the CPU backend's
 /// "device memory". `None` where /proc is not available.
 pub fn process_peak_rss() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// The process's current resident set (`VmRSS`), bytes: taken before the model is built, it
+/// is the baseline (code, libraries, runtime) the planner does not model.
+pub fn process_rss() -> Option<u64> {
+    proc_status_bytes("VmRSS:")
+}
+
+fn proc_status_bytes(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
