@@ -29,6 +29,16 @@ fn available() -> bool {
     }
 }
 
+/// The functions below are safe to call: each checks the CPU first (a cached flag), so a
+/// caller that skipped [`as_f32`] gets a panic, not an illegal instruction.
+#[inline]
+fn guard() {
+    assert!(
+        available(),
+        "vec_f32 called without AVX-512F (use as_f32 first)"
+    );
+}
+
 /// `x` as `&[f32]` when `T` is f32 and the AVX-512 functions below may run.
 pub(crate) fn as_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
     if TypeId::of::<T>() == TypeId::of::<f32>() && available() {
@@ -51,45 +61,52 @@ pub(crate) fn as_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
 
 /// `max_i x_i`, NaN entries ignored as `f32::max` ignores them (−∞ for an empty row).
 pub(crate) fn max(x: &[f32]) -> f32 {
-    // SAFETY: only reached through as_f32 (AVX-512F present).
+    guard();
+    // SAFETY: guard() checked AVX-512F.
     unsafe { avx512::max(x) }
 }
 
 /// `Σ_i exp(x_i − m)`.
 pub(crate) fn sum_exp(x: &[f32], m: f32) -> f32 {
-    // SAFETY: as max.
+    guard();
+    // SAFETY: guard() checked AVX-512F.
     unsafe { avx512::sum_exp(x, m) }
 }
 
 /// `Σ_i x_i`.
 pub(crate) fn sum(x: &[f32]) -> f32 {
-    // SAFETY: as max.
+    guard();
+    // SAFETY: guard() checked AVX-512F.
     unsafe { avx512::sum(x) }
 }
 
 /// `x_i ← s · exp(x_i − m)` in place.
 pub(crate) fn scaled_exp_sub(x: &mut [f32], m: f32, s: f32) {
-    // SAFETY: as max.
+    guard();
+    // SAFETY: guard() checked AVX-512F.
     unsafe { avx512::scaled_exp_sub(x, m, s) }
 }
 
 /// `x_i ← exp(x_i − m)` in place (no scale: bit-identical to `(x − m).exp_v()`, which a
 /// multiply by 1.0 also is, but this saves the multiply).
 pub(crate) fn exp_sub(x: &mut [f32], m: f32) {
-    // SAFETY: as max.
+    guard();
+    // SAFETY: guard() checked AVX-512F.
     unsafe { avx512::exp_sub(x, m) }
 }
 
 /// `x_i ← x_i · s`.
 pub(crate) fn scale(x: &mut [f32], s: f32) {
-    // SAFETY: as max.
+    guard();
+    // SAFETY: guard() checked AVX-512F.
     unsafe { avx512::scale(x, s) }
 }
 
 /// `out_i = e_i·σ(e_i)·g_i` (SwiGLU forward, `swiglu::fwd`'s expression in its order).
 pub(crate) fn swiglu_fwd(out: &mut [f32], e: &[f32], g: &[f32]) {
     assert!(out.len() == e.len() && e.len() == g.len());
-    // SAFETY: as max; lengths asserted.
+    guard();
+    // SAFETY: guard() checked AVX-512F; lengths asserted.
     unsafe { avx512::swiglu_fwd(out, e, g) }
 }
 
@@ -98,7 +115,8 @@ pub(crate) fn swiglu_fwd(out: &mut [f32], e: &[f32], g: &[f32]) {
 pub(crate) fn swiglu_bwd(d_e: &mut [f32], d_g: &mut [f32], d_a: &[f32], e: &[f32], g: &[f32]) {
     let n = e.len();
     assert!(d_e.len() == n && d_g.len() == n && d_a.len() == n && g.len() == n);
-    // SAFETY: as max; lengths asserted.
+    guard();
+    // SAFETY: guard() checked AVX-512F; lengths asserted.
     unsafe { avx512::swiglu_bwd(d_e, d_g, d_a, e, g) }
 }
 
