@@ -240,7 +240,7 @@ pub unsafe fn sgemm_nf4(
 
 /// Rows of A up to which [`gemv_nf4`] serves `x·Wᵀ` (decoding: one row per sequence). The
 /// packed GEMM computes MR rows per tile whatever m is and dequantizes the whole weight into
-/// panels first; reading each code once straight into m dot products is 3–5× faster there.
+/// panels first; reading each code once straight into m dot products is 3–4× faster there.
 pub const GEMV_MAX_ROWS: usize = 8;
 
 /// `C (m×rows, row stride c_rs) [+]= α·A·Wᵀ` for small m (≤ [`GEMV_MAX_ROWS`]), W NF4
