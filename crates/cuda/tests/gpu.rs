@@ -1,7 +1,8 @@
 #![allow(clippy::needless_range_loop)] // index loops mirror the math of the references
 
-//! GPU tests (lane C). Every test needs a CUDA device and is ignored ("needs a CUDA device"); run them with
-//! `cargo test -p qlora-cuda --test gpu -- --ignored --test-threads=1` (scripts/gpu_suite.sh).
+//! GPU tests (lane C). Every test needs a CUDA device and is ignored ("needs a CUDA
+//! device"); run them with `cargo test -p qlora-cuda --test gpu -- --ignored
+//! --test-threads=1` (scripts/gpu_suite.sh).
 //! Without a device they fail with the typed `NoGpu` reason: they never pass vacuously.
 //!
 //! Tolerances follow design §4: `|got − ref| ≤ atol + rtol·|ref|` per element, or a per-element

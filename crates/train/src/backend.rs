@@ -151,10 +151,11 @@ pub trait Backend: Sync {
     fn embedding_on_host(&self) -> bool {
         false
     }
-    /// `out (N, C) = table[ids]` for a host table `(V·C,)` f32 (ids already checked < V).
-    /// Default: gather on the host, upload, copy into `out`.
+    /// `out (N, C) = table[ids]` for a host table `(V·C,)` f32 (ids already checked < V by
+    /// the schedule). Default: gather on the host, upload, copy into `out`.
     fn embedding_fwd_host(&self, out: &mut Self::Buf, ids: &[u32], table: &[f32], c: usize) {
-        let rows = crate::model::gather_rows(table, ids, c);
+        let rows = crate::model::gather_rows(table, ids, c, |x| x)
+            .unwrap_or_else(|id| unreachable!("token id {id} passed the schedule's check"));
         let tmp = self.upload(&rows);
         self.copy(out, 0, &tmp, 0, rows.len());
     }

@@ -81,14 +81,21 @@ impl<B: Backend> Embedding<B> {
     }
 }
 
-/// Rows `ids` of a row-major `(V, C)` table: `(N·C,)`.
-pub fn gather_rows(table: &[f32], ids: &[u32], c: usize) -> Vec<f32> {
+/// Rows `ids` of a row-major `(V, C)` table, each value through `f` (a backend's rounding):
+/// `(N·C,)`, or `Err(id)` for the first id outside the table.
+pub fn gather_rows<T>(
+    table: &[f32],
+    ids: &[u32],
+    c: usize,
+    f: impl Fn(f32) -> T,
+) -> std::result::Result<Vec<T>, u32> {
     let mut out = Vec::with_capacity(ids.len() * c);
     for &id in ids {
         let r = id as usize * c;
-        out.extend_from_slice(&table[r..r + c]);
+        let row = table.get(r..r + c).ok_or(id)?;
+        out.extend(row.iter().map(|&x| f(x)));
     }
-    out
+    Ok(out)
 }
 
 /// A Llama-family causal LM with frozen weights.

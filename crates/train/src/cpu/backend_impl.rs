@@ -43,11 +43,7 @@ impl<T> CpuFrozen<T> {
     pub fn as_ref(&self) -> super::FrozenRef<'_, T> {
         super::FrozenRef {
             w: &self.w,
-            nf4: self.nf4.as_ref().map(|t| super::Nf4Codes {
-                packed: &t.packed,
-                scales: &self.scales,
-                blocksize: t.state.blocksize,
-            }),
+            nf4: self.nf4.as_ref().map(|t| super::Nf4W::of(t, &self.scales)),
         }
     }
 }

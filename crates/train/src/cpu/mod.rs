@@ -173,13 +173,31 @@ pub(crate) unsafe fn gemm_raw<T: Real>(
     );
 }
 
-/// The codes of an NF4 weight as the f32 GEMM reads them: `packed` two codes per byte (high
-/// nibble first), `scales` the per-block absmax in f32 (double quantization undone).
+/// A frozen NF4 weight W `(rows, cols)` row-major as the f32 GEMM reads it, borrowed:
+/// `packed ((rows·cols + 1) / 2,)` u8 with `byte[e / 2] = code[e] << 4 | code[e + 1]` (e
+/// even), `scales (⌈rows·cols / bs⌉,)` f32, the per-block absmax with double quantization
+/// undone.
 #[derive(Clone, Copy, Debug)]
-pub struct Nf4Codes<'a> {
+pub struct Nf4W<'a> {
     pub packed: &'a [u8],
     pub scales: &'a [f32],
     pub blocksize: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> Nf4W<'a> {
+    /// `t`'s codes with its f32 block scales (`t.state.absmax_f32()`, computed once by the
+    /// owner); rows and cols from its `[rows, cols]` shape.
+    pub fn of(t: &'a qlora_nf4::Nf4Tensor, scales: &'a [f32]) -> Nf4W<'a> {
+        Nf4W {
+            packed: &t.packed,
+            scales,
+            blocksize: t.state.blocksize,
+            rows: t.shape()[0],
+            cols: t.shape()[1..].iter().product(),
+        }
+    }
 }
 
 /// A frozen `(out, in)` weight as the CPU products read it: the matrix in `T`, and for an NF4
@@ -189,7 +207,7 @@ pub struct Nf4Codes<'a> {
 pub struct FrozenRef<'a, T> {
     /// (out·in,) T; empty when `nf4` is given and [`reads_nf4_codes`] holds.
     pub w: &'a [T],
-    pub nf4: Option<Nf4Codes<'a>>,
+    pub nf4: Option<Nf4W<'a>>,
 }
 
 impl<'a, T> FrozenRef<'a, T> {
@@ -219,9 +237,9 @@ pub fn reads_nf4_codes<T: Real>(blocksize: usize) -> bool {
 /// The codes, when the NF4 GEMM takes this product (empty products go to `mm_*`, which
 /// return at once).
 #[cfg(target_arch = "x86_64")]
-fn nf4_gemm<'a, T: Real>(w: &FrozenRef<'a, T>, m: usize, n: usize) -> Option<Nf4Codes<'a>> {
-    let codes = w.nf4?;
-    (m > 0 && n > 0 && reads_nf4_codes::<T>(codes.blocksize)).then_some(codes)
+fn nf4_gemm<'a, T: Real>(w: &FrozenRef<'a, T>, m: usize, n: usize) -> Option<Nf4W<'a>> {
+    let nw = w.nf4?;
+    (m > 0 && n > 0 && reads_nf4_codes::<T>(nw.blocksize)).then_some(nw)
 }
 
 /// `c (m, out) [+]= alpha · a (m, in) · Wᵀ` for a frozen `W (out, in)`.
@@ -270,15 +288,8 @@ fn mm_frozen<T: Real>(
 ) {
     let (k, n) = if trans { (inp, out) } else { (out, inp) };
     #[cfg(target_arch = "x86_64")]
-    if let Some(codes) = nf4_gemm(&w, m, n) {
-        assert!(c.len() >= m * n && a.len() >= m * k);
-        let nw = sgemm_avx512::Nf4W {
-            packed: codes.packed,
-            scales: codes.scales,
-            blocksize: codes.blocksize,
-            rows: out,
-            cols: inp,
-        };
+    if let Some(nw) = nf4_gemm(&w, m, n) {
+        assert!(c.len() >= m * n && a.len() >= m * k && (nw.rows, nw.cols) == (out, inp));
         if trans && m <= sgemm_avx512::GEMV_MAX_ROWS && sgemm_avx512::can_gemv_nf4(&nw) {
             // SAFETY: as below.
             unsafe {

@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::{Nf4W, SendPtr};
 
 const MR: usize = 12;
 const NR: usize = 32;
@@ -80,18 +80,6 @@ struct Mat {
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
-/// A frozen NF4 weight W `(rows, cols)` row-major, borrowed: `packed ((rows·cols + 1) / 2,)`
-/// u8 with `byte[e / 2] = code[e] << 4 | code[e + 1]` (e even), `scales (⌈rows·cols / bs⌉,)`
-/// f32, the per-block absmax with double quantization already undone.
-#[derive(Clone, Copy)]
-pub struct Nf4W<'a> {
-    pub packed: &'a [u8],
-    pub scales: &'a [f32],
-    pub blocksize: usize,
-    pub rows: usize,
-    pub cols: usize,
-}
-
 /// An NF4 weight as the B operand: `B[p][j] = W[k0 + p][j0 + j]`, or with `trans`
 /// `B[p][j] = W[j0 + j][k0 + p]`; (k0, j0) is the origin of the current block.
 #[derive(Clone, Copy)]
@@ -106,6 +94,32 @@ struct Nf4B {
 }
 unsafe impl Send for Nf4B {}
 unsafe impl Sync for Nf4B {}
+
+impl Nf4W<'_> {
+    /// The weight as a B operand (`B = Wᵀ` when `trans`), its lengths checked: the kernels
+    /// read codes and scales through raw pointers, 16 at a time inside one absmax block.
+    fn operand(&self, trans: bool) -> Nf4B {
+        let numel = self.rows * self.cols;
+        assert!(
+            self.packed.len() >= numel.div_ceil(2),
+            "NF4 codes shorter than the weight"
+        );
+        assert!(
+            self.blocksize.is_multiple_of(16)
+                && self.scales.len() >= numel.div_ceil(self.blocksize),
+            "NF4 absmax shorter than the weight's blocks (or a blocksize not a multiple of 16)"
+        );
+        Nf4B {
+            packed: self.packed.as_ptr(),
+            scales: self.scales.as_ptr(),
+            blocksize: self.blocksize,
+            cols: self.cols,
+            trans,
+            k0: 0,
+            j0: 0,
+        }
+    }
+}
 
 impl Nf4B {
     /// W's flat element index of `B[p][j]` (block-relative p, j).
@@ -207,15 +221,7 @@ pub unsafe fn sgemm_nf4(
     alpha: f32,
     parallel: bool,
 ) {
-    let numel = w.rows * w.cols;
-    assert!(
-        w.packed.len() >= numel.div_ceil(2),
-        "NF4 codes shorter than the weight"
-    );
-    assert!(
-        w.blocksize.is_multiple_of(16) && w.scales.len() >= numel.div_ceil(w.blocksize),
-        "NF4 absmax shorter than the weight's blocks (or a blocksize not a multiple of 16)"
-    );
+    let b = BSrc::Nf4(w.operand(trans));
     let (k, n) = if trans {
         (w.cols, w.rows)
     } else {
@@ -226,15 +232,6 @@ pub unsafe fn sgemm_nf4(
         rs: a_rs,
         cs: a_cs,
     };
-    let b = BSrc::Nf4(Nf4B {
-        packed: w.packed.as_ptr(),
-        scales: w.scales.as_ptr(),
-        blocksize: w.blocksize,
-        cols: w.cols,
-        trans,
-        k0: 0,
-        j0: 0,
-    });
     drive(m, n, k, c, c_rs, acc, a, b, alpha, parallel)
 }
 
@@ -263,17 +260,7 @@ pub unsafe fn gemv_nf4(
     alpha: f32,
 ) {
     assert!(m <= GEMV_MAX_ROWS && can_gemv_nf4(&w));
-    let numel = w.rows * w.cols;
-    assert!(w.packed.len() >= numel.div_ceil(2) && w.scales.len() >= numel.div_ceil(w.blocksize));
-    let b = Nf4B {
-        packed: w.packed.as_ptr(),
-        scales: w.scales.as_ptr(),
-        blocksize: w.blocksize,
-        cols: w.cols,
-        trans: true,
-        k0: 0,
-        j0: 0,
-    };
+    let b = w.operand(true);
     let (cp, ap) = (SendPtr(c), SendPtr(a as *mut f32));
     // Output rows per task: enough work to amortise a task, several tasks per thread.
     let per = (1 << 16) / w.cols.max(1) + 1;
@@ -284,9 +271,10 @@ pub unsafe fn gemv_nf4(
     });
 }
 
-/// Does [`gemv_nf4`] take this weight? (Rows of 16-aligned codes: `cols % 16 == 0`.)
+/// Does [`gemv_nf4`] take this weight? (Rows of 16-aligned codes: `cols % 16 == 0`; the
+/// blocksize is checked with the lengths.)
 pub fn can_gemv_nf4(w: &Nf4W<'_>) -> bool {
-    w.cols.is_multiple_of(16) && w.blocksize.is_multiple_of(16)
+    w.cols.is_multiple_of(16)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -757,13 +745,7 @@ mod tests {
         for &(rows, cols, bs) in &[(64, 320, 64), (70, 48, 32), (33, 70, 64), (512, 288, 64)] {
             let (t, scales) = nf4_weight(&rnd(rows * cols), rows, cols, bs);
             let wd = t.dequantize_f32();
-            let nw = Nf4W {
-                packed: &t.packed,
-                scales: &scales,
-                blocksize: bs,
-                rows,
-                cols,
-            };
+            let nw = Nf4W::of(&t, &scales);
             for &m in &[12usize, 29] {
                 for &trans in &[true, false] {
                     let (k, n) = if trans { (cols, rows) } else { (rows, cols) };
@@ -834,13 +816,7 @@ mod tests {
         for &(rows, cols, bs) in &[(70, 48, 32), (300, 320, 64)] {
             let (t, scales) = nf4_weight(&rnd(rows * cols), rows, cols, bs);
             let wd = t.dequantize_f32();
-            let nw = Nf4W {
-                packed: &t.packed,
-                scales: &scales,
-                blocksize: bs,
-                rows,
-                cols,
-            };
+            let nw = Nf4W::of(&t, &scales);
             for m in 1..=GEMV_MAX_ROWS {
                 let a = rnd(m * cols);
                 for acc in [false, true] {

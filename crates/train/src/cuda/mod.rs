@@ -711,18 +711,13 @@ impl Backend for CudaBackend {
     fn embedding_fwd_host(&self, out: &mut CudaBuf, ids: &[u32], table: &[f32], c: usize) {
         const OP: &str = "embedding_fwd_host";
         self.run(OP, || {
-            let mut rows: Vec<bf16> = Vec::with_capacity(ids.len() * c);
-            for &id in ids {
-                let r = id as usize * c;
-                let src = table.get(r..r + c).ok_or_else(|| {
-                    bad(
-                        OP,
-                        "ids",
-                        format!("token id {id} is outside the embedding table"),
-                    )
-                })?;
-                rows.extend(src.iter().map(|&x| bf16::from_f32(x)));
-            }
+            let rows = crate::model::gather_rows(table, ids, c, bf16::from_f32).map_err(|id| {
+                bad(
+                    OP,
+                    "ids",
+                    format!("token id {id} is outside the embedding table"),
+                )
+            })?;
             self.dev
                 .copy_in(&rows, &mut view_mut::<bf16>(out, OP, "out")?)
         });
