@@ -34,14 +34,6 @@ struct QlrAttn {
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
-__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 template <typename T>
 __device__ void attn_fwd(T* o, float* lse, const T* q, const T* k, const T* v, QlrAttn a) {
     __shared__ float Ks[ATT_TILE][ATT_DMAX + 1];
@@ -677,7 +669,7 @@ extern "C" __global__ void __launch_bounds__(128) qlr_attention_bwd_dkv_mma_bf16
                                                                                const bf16* k, const bf16* v,
                                                                                const bf16* dout, const float* lse,
                                                                                const float* delta, QlrAttn a) {
-    extern __shared__ __align__(16) unsigned char fa_dyn_smem[];
+    QLR_DYN_SMEM(unsigned char, fa_dyn_smem);
 #define DKV_CALL(DD) attn_dkv_mma<DD>(dk, dv, q, k, v, dout, lse, delta, a, fa_dyn_smem)
     FA_DISPATCH(DKV_CALL)
 #undef DKV_CALL

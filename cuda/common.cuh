@@ -78,3 +78,26 @@ __device__ __forceinline__ float qlr_nf4_scale(const QlrNf4& w, long long block)
 __device__ __forceinline__ float qlr_nf4_deq(const float* lut, unsigned code, float scale) {
     return __fmul_rn(lut[code & 15u], scale);
 }
+
+// mma.sync m16n8k16, bf16 inputs, f32 accumulate: d = a·b + d for the whole warp (fragment
+// layout: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"). The CPU
+// emulator (cuda/emu) defines QLR_EMU and computes the same product from the same fragments.
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+#ifdef QLR_EMU
+    qlr_emu::mma_m16n8k16_bf16(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Dynamic shared memory `name` of element type T (16-byte aligned). Under the emulator it is
+// the per-block buffer the launch sized, since host C++ has no `extern __shared__`.
+#ifdef QLR_EMU
+#define QLR_DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(qlr_emu::dyn_smem)
+#else
+#define QLR_DYN_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif

@@ -153,14 +153,6 @@ __device__ __forceinline__ void load_nf4(S* sm, const QlrNf4& w, const float* lu
 #define MMA_BK 32
 #define MMA_LDS (MMA_BK + 8)  // +16 bytes per row: fragment loads hit 32 distinct banks
 
-__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 __device__ __forceinline__ void mma_tile_step(float (&acc)[4][4][4], const bf16* As, const bf16* Bs, int wm, int wn,
                                               int lane) {
     const int g = lane >> 2, t = lane & 3;
