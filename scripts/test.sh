@@ -3,6 +3,9 @@
 #   A. CPU, always: fmt, clippy, cargo test --workspace (GPU tests are #[ignore]d → "ignored").
 #   B. Kernel compile, no GPU: NVRTC (pinned pip wheel, installed into .tools/) compiles every
 #      cuda/*.cu for sm_90, so ptxas errors fail here. With CI=true a missing wheel fails.
+#   E. The same GPU tests on the CPU emulator of the CUDA driver (cuda/emu/README.md): kernels
+#      compiled by NVRTC for sm_90 *and* as host C++, run on fibers, checked against the CPU
+#      backend. Counted on their own line, never as GPU passes. Needs a C++ compiler.
 #   C. GPU: only where a CUDA device is visible: the #[ignore]d GPU tests (on the lent GPU
 #      machine, which has no Rust, scripts/gpu_suite.sh runs prebuilt binaries); otherwise skipped.
 set -euo pipefail
@@ -10,7 +13,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 lane() { echo; echo "=== lane $1 === ($(( $(date +%s) - start )) s)"; }
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$log.emu"' EXIT
 # cargo test, with its output kept to total the results at the end.
 ctest() { cargo test "$@" 2>&1 | tee -a "$log"; }
 
@@ -30,6 +33,25 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 ctest --workspace
 
+lane "E: GPU tests on the CPU emulator of the CUDA driver (cuda/emu; not a GPU run)"
+if command -v c++ >/dev/null 2>&1 && [ -e .tools/nvrtc/nvidia/cu13/lib/libnvrtc.so.13 ]; then
+  emu_log=$(mktemp)
+  # lane A's profile: the test binaries are already built.
+  set +e
+  bash scripts/cuda_emu.sh test 2>&1 | tee "$emu_log"
+  status=${PIPESTATUS[0]}
+  set -e
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+       END { printf "lane E (emulated, not a GPU): %d passed, %d failed\n", p, f }' "$emu_log" | tee -a "$log.emu"
+  rm -f "$emu_log"
+  [ "$status" -eq 0 ] || { echo "lane E: FAILED" >&2; exit 1; }
+elif [ "${CI:-}" = "true" ]; then
+  echo "lane E: FAILED — needs c++ and lane B's NVRTC wheel (required in CI)" >&2
+  exit 1
+else
+  echo "lane E: skipped — no C++ compiler or no NVRTC wheel here"
+fi
+
 lane "C: GPU"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   # A machine with both Rust and a GPU: every #[ignore]d GPU test, one at a time. (The lent GPU
@@ -44,3 +66,4 @@ echo "all lanes done in $(( $(date +%s) - start )) s"
 # One closing line over every cargo test run above (ignored GPU tests count as skipped).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+cat "$log.emu" 2>/dev/null || true
