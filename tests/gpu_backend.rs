@@ -743,8 +743,9 @@ fn nf4_hash(tensors: impl Iterator<Item = Nf4Tensor>) -> u64 {
 
 /// Issue 7 item 2: the tiny Llama (NF4 base, LoRA on all seven projections from the fixture's
 /// non-zero initial adapter) trained 10 steps on the GPU and on the CPU through the same
-/// Trainer: the loss within 1e-3 at every step, the final LoRA gradients within a bf16
-/// tolerance, and the NF4 base byte-for-byte unchanged on the device.
+/// Trainer: the loss within 1e-3 at every step and the NF4 base byte-for-byte unchanged on the
+/// device. The LoRA gradients' bf16 tolerance is checked at identical parameters, in
+/// `forward_backward_checkpointing_on_the_gpu`.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn tiny_model_trains_ten_steps_like_the_cpu() {
@@ -821,26 +822,6 @@ fn tiny_model_trains_ten_steps_like_the_cpu() {
             b.loss
         );
     }
-    // Gradients of the last step, tensor by tensor, normwise: backprop through L = 2 layers
-    // stores ~15 bf16 activations per layer and direction, ~60 roundings on the longest path;
-    // independent roundings add like a random walk, √60·u ≈ 0.03 of the tensor's norm, and
-    // the bound is 0.05 (calibrate on the first H100 run).
-    let (gc, gg) = (
-        tc.adapter.grads.clone(),
-        tg_download(&tg, |t| &t.adapter.grads),
-    );
-    for (key, _, range) in tc.adapter.layout.tensors() {
-        let (a, b) = (&gc[range.clone()], &gg[range]);
-        let norm = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        eprintln!("grad {key}: relative difference {:.3e}", diff / norm);
-        assert!(diff <= 0.05 * norm, "{key}: ‖Δ‖ {diff:e} vs ‖ref‖ {norm:e}");
-    }
     let after: Vec<Nf4Tensor> = tg
         .model
         .layers
@@ -876,13 +857,6 @@ fn backend(t: &Trainer<CudaBackend>) -> &CudaBackend {
     t.backend()
 }
 
-fn tg_download(
-    t: &Trainer<CudaBackend>,
-    f: impl Fn(&Trainer<CudaBackend>) -> &qlora_train::CudaBuf,
-) -> Vec<f32> {
-    backend(t).download(f(t))
-}
-
 /// The trainer's gradient check counts NaN/Inf on the device.
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -899,8 +873,22 @@ fn nonfinite_count_of_a_gradient_arena() {
 /// One micro-batch of the tiny model through `forward_backward` on the GPU with and without
 /// gradient checkpointing (the recompute replays the same deterministic forward, so the saved
 /// set is identical; the gradients differ only by the order of lora_grad's f32 atomics:
-/// `|Δ| ≤ 1e-5·‖g‖` normwise is ~100× that), and against the CPU (the bf16 bound of the
-/// trainer test).
+/// `|Δ| ≤ 1e-5·‖g‖` normwise is ~100× that), and against the CPU at the same parameters: the
+/// init adapter (lora_B = 0, so every lora_A gradient is exactly 0 on both) and the trained
+/// one of the same fixture run (every gradient non-zero).
+///
+/// GPU vs CPU, normwise per tensor: backprop through L = 2 layers stores ~15 bf16 activations
+/// per layer and direction, ~60 roundings on the longest path; independent roundings add like
+/// a random walk, so the GPU's gradient is about what the CPU gives after √60 ≈ 8 independent
+/// perturbations of size u_bf16. How far one such perturbation moves the gradient depends on
+/// the point: the test measures it on the CPU (every adapter parameter rounded to bf16, a
+/// perturbation of ≤ u_bf16 each) as `sens`, and the bound is `0.03 + 8·sens`. At the init
+/// adapter sens ≈ 2e-3 (bound ≈ 0.05; measured under the CPU emulator: ≤ 1.2e-2); at the
+/// trained one the gradient is ill-conditioned, sens up to 2.1e-2 (bound ≤ 0.2; emulator:
+/// ≤ 0.128, on the tensor with the largest sens).
+/// (The 10-step trainer test compares losses only: after steps, Adam's m/√v turns the bf16
+/// differences of near-zero gradients into different parameters, so its gradients are no
+/// longer a measure of one step's rounding.)
 #[test]
 #[ignore = "needs a CUDA device"]
 fn forward_backward_checkpointing_on_the_gpu() {
@@ -911,39 +899,10 @@ fn forward_backward_checkpointing_on_the_gpu() {
     let fx = repo_root().join("tests/fixtures");
     let mg = Model::load(&g, &fx.join("tiny-llama"), BaseFormat::QLORA).unwrap();
     let mc = Model::load(&c, &fx.join("tiny-llama"), BaseFormat::QLORA).unwrap();
-    let w = AdapterWeights::load(&fx.join("qlora-fp32/adapter_init"), &mc.config).unwrap();
     let v = mc.config.vocab_size as u32;
     let (b, t) = (3usize, 29usize);
     let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 131 + 7) % v).collect();
     let batch = Batch::causal_lm(ids, b, t).unwrap();
-    let grads = |ckpt: bool| {
-        let mut a = Adapter::new(&g, &w);
-        let opts = StepOptions {
-            checkpointing: ckpt,
-            dropout_seed: 5,
-            ..StepOptions::default()
-        };
-        let st = forward_backward(&g, &mg, &mut a, &batch, opts).unwrap();
-        (st, g.download(&a.grads))
-    };
-    let (s0, g0) = grads(false);
-    let (s1, g1) = grads(true);
-    let mut ac = Adapter::new(&c, &w);
-    let opts = StepOptions {
-        dropout_seed: 5,
-        ..StepOptions::default()
-    };
-    let sc = forward_backward(&c, &mc, &mut ac, &batch, opts).unwrap();
-    assert_eq!(s0.tokens, sc.tokens);
-    assert!(
-        (s0.mean() - sc.mean()).abs() <= 1e-3,
-        "loss gpu {} cpu {}",
-        s0.mean(),
-        sc.mean()
-    );
-    assert_eq!(s0.sum, s1.sum, "the forward is deterministic");
-    let eval = forward_loss(&g, &mg, Some(&Adapter::new(&g, &w)), &batch).unwrap();
-    assert!((eval.mean() - sc.mean()).abs() <= 1e-3, "forward_loss");
     let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let diff = |a: &[f32], b: &[f32]| {
         a.iter()
@@ -952,14 +911,80 @@ fn forward_backward_checkpointing_on_the_gpu() {
             .sum::<f64>()
             .sqrt()
     };
-    for (key, _, r) in w.layout.tensors() {
-        let (a, b, cr) = (&g0[r.clone()], &g1[r.clone()], &ac.grads[r]);
+    for which in ["adapter_init", "adapter_final"] {
+        let w = AdapterWeights::load(&fx.join("qlora-fp32").join(which), &mc.config).unwrap();
+        let grads = |ckpt: bool| {
+            let mut a = Adapter::new(&g, &w);
+            let opts = StepOptions {
+                checkpointing: ckpt,
+                dropout_seed: 5,
+                ..StepOptions::default()
+            };
+            let st = forward_backward(&g, &mg, &mut a, &batch, opts).unwrap();
+            (st, g.download(&a.grads))
+        };
+        let (s0, g0) = grads(false);
+        let (s1, g1) = grads(true);
+        let opts = StepOptions {
+            dropout_seed: 5,
+            ..StepOptions::default()
+        };
+        let mut ac = Adapter::new(&c, &w);
+        let sc = forward_backward(&c, &mc, &mut ac, &batch, opts).unwrap();
+        // The same on the CPU with every adapter parameter rounded to bf16: `sens` below.
+        let mut w16 = w.clone();
+        for x in w16.data.iter_mut() {
+            *x = half::bf16::from_f32(*x).to_f32();
+        }
+        let mut ac16 = Adapter::new(&c, &w16);
+        forward_backward(&c, &mc, &mut ac16, &batch, opts).unwrap();
+        assert_eq!(s0.tokens, sc.tokens);
+        eprintln!("{which}: loss gpu {} cpu {}", s0.mean(), sc.mean());
         assert!(
-            diff(a, b) <= 1e-5 * norm(a),
-            "{key}: checkpointing changed the gradient"
+            (s0.mean() - sc.mean()).abs() <= 1e-3,
+            "{which}: loss gpu {} cpu {}",
+            s0.mean(),
+            sc.mean()
         );
-        let rel = diff(a, cr) / norm(cr);
-        eprintln!("{key}: gpu vs cpu relative {rel:.3e}");
-        assert!(rel <= 0.05, "{key}: gpu vs cpu {rel:e}");
+        assert_eq!(s0.sum, s1.sum, "{which}: the forward is deterministic");
+        let eval = forward_loss(&g, &mg, Some(&Adapter::new(&g, &w)), &batch).unwrap();
+        assert!(
+            (eval.mean() - sc.mean()).abs() <= 1e-3,
+            "{which}: forward_loss"
+        );
+        let mut worst = 0.0f64;
+        for (key, _, r) in w.layout.tensors() {
+            let (a, b, cr) = (&g0[r.clone()], &g1[r.clone()], &ac.grads[r.clone()]);
+            assert!(
+                diff(a, b) <= 1e-5 * norm(a),
+                "{which} {key}: checkpointing changed the gradient"
+            );
+            let (d, n) = (diff(a, cr), norm(cr));
+            let rel = if n > 0.0 {
+                d / n
+            } else if d == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            };
+            let sens = if n > 0.0 {
+                diff(&ac16.grads[r], cr) / n
+            } else {
+                0.0
+            };
+            let bound = 0.03 + 8.0 * sens;
+            worst = worst.max(rel / bound);
+            eprintln!(
+                "{which} {key}: gpu vs cpu relative {rel:.3e}, sens {sens:.3e}, bound {bound:.3e}"
+            );
+            assert!(
+                rel <= bound,
+                "{which} {key}: gpu vs cpu {rel:e}, bound {bound:e}"
+            );
+        }
+        eprintln!(
+            "{which}: worst gradient gpu vs cpu: {:.1}% of its bound",
+            100.0 * worst
+        );
     }
 }
