@@ -69,6 +69,10 @@ build() {
     # Device::open requires libcublas to be loadable; nothing calls into it (blas.rs uses
     # cuBLASLt only), so an empty library stands for it.
     echo "" | "$CXX" -x c++ -shared -fPIC -o "$OUTDIR/lib/libcublas.so" -
+    # The emulator's own checks (barriers, collectives, deadlock and inactive-lane detection).
+    "$CXX" "${CXXFLAGS[@]}" -I"$ROOT/cuda/emu" -I"$ROOT/cuda/emu/include" -o "$OUTDIR/selftest" \
+        "$ROOT/cuda/emu/selftest.cpp" "$ROOT/cuda/emu/runtime.cpp"
+    "$OUTDIR/selftest"
     echo "cuda_emu: built $OUTDIR/lib"
 }
 
