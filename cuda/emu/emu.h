@@ -73,14 +73,9 @@ inline float4 make_float4(float x, float y, float z, float w) { return float4{x,
 inline void __syncthreads() { qlr_emu::syncthreads(); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
-template <typename T> inline T __ldcg(const T* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-inline float __ldcg(const float* p) {
-    float v;
-    __atomic_load(p, &v, __ATOMIC_RELAXED);
-    return v;
-}
-inline double __ldcg(const double* p) {
-    double v;
+// Another block's writes, read without a stale cache line (a plain atomic load here).
+template <typename T> inline T __ldcg(const T* p) {
+    T v;
     __atomic_load(p, &v, __ATOMIC_RELAXED);
     return v;
 }
@@ -95,26 +90,16 @@ inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
-inline float __int_as_float(int i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
+template <typename To, typename From> inline To qlr_emu_bit_cast(From v) {
+    static_assert(sizeof(To) == sizeof(From), "bit cast between sizes");
+    To out;
+    std::memcpy(&out, &v, sizeof(To));
+    return out;
 }
-inline float __uint_as_float(unsigned u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline int __float_as_int(float f) {
-    int i;
-    std::memcpy(&i, &f, 4);
-    return i;
-}
-inline unsigned __float_as_uint(float f) {
-    unsigned u;
-    std::memcpy(&u, &f, 4);
-    return u;
-}
+inline float __int_as_float(int i) { return qlr_emu_bit_cast<float>(i); }
+inline float __uint_as_float(unsigned u) { return qlr_emu_bit_cast<float>(u); }
+inline int __float_as_int(float f) { return qlr_emu_bit_cast<int>(f); }
+inline unsigned __float_as_uint(float f) { return qlr_emu_bit_cast<unsigned>(f); }
 using std::isfinite;
 using std::isinf;
 using std::isnan;
@@ -147,23 +132,19 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T v, int mask) {
 template <typename T> inline T __shfl_sync(unsigned, T v, int src) { return qlr_emu_shfl(v, src); }
 inline bool __any_sync(unsigned, bool p) { return qlr_emu::warp_any(p); }
 
-// Atomics: blocks run in parallel on OS threads, so these are real atomics.
-inline float atomicAdd(float* p, float v) {
-    float old, upd;
+// Atomics: blocks run one at a time, but a kernel's atomics stay atomics (no assumption of
+// that in the kernels' code).
+// Floating-point add as a compare-and-swap loop (what the GPU does in one instruction).
+template <typename T> inline T qlr_emu_atomic_add_fp(T* p, T v) {
+    T old, upd;
     __atomic_load(p, &old, __ATOMIC_RELAXED);
     do {
         upd = old + v;
     } while (!__atomic_compare_exchange(p, &old, &upd, true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
     return old;
 }
-inline double atomicAdd(double* p, double v) {
-    double old, upd;
-    __atomic_load(p, &old, __ATOMIC_RELAXED);
-    do {
-        upd = old + v;
-    } while (!__atomic_compare_exchange(p, &old, &upd, true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
-    return old;
-}
+inline float atomicAdd(float* p, float v) { return qlr_emu_atomic_add_fp(p, v); }
+inline double atomicAdd(double* p, double v) { return qlr_emu_atomic_add_fp(p, v); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
