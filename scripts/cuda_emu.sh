@@ -50,12 +50,15 @@ build() {
                 done
         } >"$gen.tmp"
         mv "$gen.tmp" "$gen"
-        objs+=("$OUTDIR/obj/kernels_$base.o")
-        if [[ ! -e "$OUTDIR/obj/kernels_$base.o" || "$gen" -nt "$OUTDIR/obj/kernels_$base.o" ||
-            "$cu" -nt "$OUTDIR/obj/kernels_$base.o" || "$ROOT/cuda/common.cuh" -nt "$OUTDIR/obj/kernels_$base.o" ||
-            "$ROOT/cuda/emu/emu.h" -nt "$OUTDIR/obj/kernels_$base.o" ]]; then
+        local obj="$OUTDIR/obj/kernels_$base.o" stale=0 dep
+        objs+=("$obj")
+        # Rebuilt when it or anything it includes is newer.
+        for dep in "$gen" "$cu" "$ROOT/cuda/common.cuh" "$ROOT"/cuda/emu/*.h "$ROOT"/cuda/emu/include/*.h; do
+            [[ -e "$obj" && ! "$dep" -nt "$obj" ]] || stale=1
+        done
+        if ((stale)); then
             "$CXX" "${CXXFLAGS[@]}" -I"$ROOT/cuda/emu" -I"$ROOT/cuda/emu/include" -I"$ROOT/cuda" \
-                -c "$gen" -o "$OUTDIR/obj/kernels_$base.o" &
+                -c "$gen" -o "$obj" &
         fi
     done
     wait

@@ -13,7 +13,12 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 lane() { echo; echo "=== lane $1 === ($(( $(date +%s) - start )) s)"; }
 log=$(mktemp)
-trap 'rm -f "$log" "$log.emu"' EXIT
+trap 'rm -f "$log"' EXIT
+# "N passed, N failed, N skipped" over the `test result:` lines of a cargo test log.
+tally() {
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
+       END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$1"
+}
 # cargo test, with its output kept to total the results at the end.
 ctest() { cargo test "$@" 2>&1 | tee -a "$log"; }
 
@@ -41,8 +46,8 @@ if command -v c++ >/dev/null 2>&1 && [ -e .tools/nvrtc/nvidia/cu13/lib/libnvrtc.
   bash scripts/cuda_emu.sh test 2>&1 | tee "$emu_log"
   status=${PIPESTATUS[0]}
   set -e
-  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
-       END { printf "lane E (emulated, not a GPU): %d passed, %d failed\n", p, f }' "$emu_log" | tee -a "$log.emu"
+  emu_line="lane E (emulated, not a GPU): $(tally "$emu_log" | cut -d, -f1-2)"
+  echo "$emu_line"
   rm -f "$emu_log"
   [ "$status" -eq 0 ] || { echo "lane E: FAILED" >&2; exit 1; }
 elif [ "${CI:-}" = "true" ]; then
@@ -64,6 +69,5 @@ fi
 echo
 echo "all lanes done in $(( $(date +%s) - start )) s"
 # One closing line over every cargo test run above (ignored GPU tests count as skipped).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
-     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
-cat "$log.emu" 2>/dev/null || true
+echo "tests: $(tally "$log")"
+if [ -n "${emu_line:-}" ]; then echo "$emu_line"; fi

@@ -1,9 +1,9 @@
 // runtime.cpp: runs one kernel launch on the CPU (cuda/emu/README.md).
 //
 // Blocks run one after another on the calling OS thread (so `__shared__` variables can be
-// plain statics); each CUDA thread of the block is a fiber (ucontext) on its own stack. A fiber runs until it reaches a
-// point where it must wait for others (__syncthreads, a warp collective, mma.sync), then the
-// worker's scheduler resumes the next fiber. A barrier opens when every live (not yet returned)
+// plain statics); each CUDA thread of the block is a fiber on its own stack. A fiber runs until
+// it reaches a point where it must wait for others (__syncthreads, a warp collective,
+// mma.sync), then the worker's scheduler resumes the next fiber. A barrier opens when every live (not yet returned)
 // thread of its scope has arrived; a full round in which no fiber makes progress is a deadlock
 // (divergent __syncthreads, a collective some lanes skip) and fails the launch with a message.
 #include "runtime.h"
@@ -13,10 +13,8 @@
 #include <ucontext.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -122,7 +120,8 @@ void fiber_main() {
     _longjmp(w.main, 1);  // never returns: its stack is reused by the next block
 }
 
-bool run_block(Worker& w, const Launch& l, Dim b) {
+// Runs block `b` of the launch; a deadlock sets `w.error`.
+void run_block(Worker& w, const Launch& l, Dim b) {
     const int nt = int(l.block.x * l.block.y * l.block.z);
     block_idx = b;
     block_dim = l.block;
@@ -161,9 +160,9 @@ bool run_block(Worker& w, const Launch& l, Dim b) {
         const uint64_t before = w.progress;
         for (int i = 0; i < nt; ++i) {
             if (w.fibers[i].done) continue;
-            w.current = i;
-            cur = &w.fibers[i].t;
             Fiber& f = w.fibers[i];
+            w.current = i;
+            cur = &f.t;
             if (!_setjmp(w.main)) {
                 if (!f.started) {
                     f.started = true;
@@ -177,22 +176,22 @@ bool run_block(Worker& w, const Launch& l, Dim b) {
             for (int i = 0; i < (nt + 31) / 32; ++i) at_warp += w.warps[i].arrived;
             char msg[256];
             std::snprintf(msg, sizeof msg,
-                          "deadlock in block (%u,%u,%u): %d live threads, %d waiting at __syncthreads, "
-                          "%d at warp collectives (divergent barrier or collective)",
-                          b.x, b.y, b.z, w.live, at_bar, at_warp);
+                          "deadlock: %d live threads, %d waiting at __syncthreads, %d at warp collectives "
+                          "(divergent barrier or collective)",
+                          w.live, at_bar, at_warp);
             w.error = msg;
-            return false;
+            return;
         }
     }
-    return true;
 }
 
 std::mutex launch_mutex;
-std::vector<Worker*> workers;
 
-Worker* worker(size_t i, int nt, size_t smem) {
-    while (workers.size() <= i) workers.push_back(new Worker());
-    Worker* w = workers[i];
+// The one worker (launches are serialised by launch_mutex), with fibers and stacks for `nt`
+// threads and `smem` bytes of dynamic shared memory; nullptr if stacks cannot be mapped.
+Worker* worker(int nt, size_t smem) {
+    static Worker the_worker;
+    Worker* w = &the_worker;
     const size_t sb = stack_bytes();
     if (w->fibers.size() < size_t(nt)) w->fibers.resize(nt);
     while (w->stacks.size() < size_t(nt)) {
@@ -300,7 +299,7 @@ std::string run(const Launch& l) {
     if (nt <= 0 || nt > kMaxThreads) return "block of " + std::to_string(nt) + " threads (1..1024 allowed)";
     const size_t nblocks = size_t(l.grid.x) * l.grid.y * l.grid.z;
     if (nblocks == 0) return "empty grid";
-    Worker* w = worker(0, nt, l.smem);
+    Worker* w = worker(nt, l.smem);
     if (!w) return "cannot map fiber stacks";
     w->launch = &l;
     self = w;
@@ -308,10 +307,11 @@ std::string run(const Launch& l) {
     for (size_t i = 0; i < nblocks && err.empty(); ++i) {
         const Dim b{unsigned(i % l.grid.x), unsigned(i / l.grid.x % l.grid.y),
                     unsigned(i / (size_t(l.grid.x) * l.grid.y))};
-        if (!run_block(*w, l, b) || !w->error.empty()) {
+        run_block(*w, l, b);
+        if (!w->error.empty()) {
             char where[96];
             std::snprintf(where, sizeof where, " (block %u,%u,%u)", b.x, b.y, b.z);
-            err = (w->error.empty() ? std::string("block failed") : w->error) + where;
+            err = w->error + where;
         }
     }
     self = nullptr;
