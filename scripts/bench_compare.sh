@@ -4,8 +4,7 @@
 # after the other in separate processes. Prints both side by side with the ratio, and writes
 # every raw output to $OUT (the device tool's return folder) or gpu/logs.
 #
-# On the GPU machine, from the repo root, after `bash scripts/gpu_suite.sh install-wheels`
-# (bitsandbytes from gpu/wheels into .tools/pydeps; see gpu_suite.sh for the two-call recipe):
+# On the GPU machine, from the repo root, with gpu-bench/ carried (`gpu_suite.sh build-bench`):
 #   bash scripts/bench_compare.sh [--shape llama3-8b] [--seq-lens "2048 4096"] \
 #       [--batch-size 1] [--rank 16] [--warmup 2] [--steps 5]
 # Environment: QLORA (default gpu/qlora), PYTHON (default python3).
@@ -37,8 +36,8 @@ mkdir -p "$LOG"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export QLORA_CUDA_INCLUDE="${QLORA_CUDA_INCLUDE:-/usr/local/cuda/include}"
 export QLORA_KERNEL_CACHE="${QLORA_KERNEL_CACHE:-/tmp/qlora-kernels}"
-# bitsandbytes installed by `gpu_suite.sh install-wheels` (no network there).
-export PYTHONPATH="$(pwd)/.tools/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+# bitsandbytes unpacked by `gpu_suite.sh build-bench` (no network there).
+export PYTHONPATH="$(pwd)/gpu-bench/pydeps${PYTHONPATH:+:$PYTHONPATH}"
 
 status=0
 for T in $seq_lens; do

@@ -14,19 +14,15 @@
 #   No argument (a machine with both Rust and a GPU, e.g. scripts/test.sh lane C):
 #       bash scripts/gpu_suite.sh      = build into gpu/, then run.
 #
-# The benchmark against transformers + PEFT + bitsandbytes (scripts/bench_compare.sh) travels
-# separately, in gpu-bench/ (ignored by git): the bitsandbytes wheel (41 MiB) plus the stripped
-# `qlora` (~11 MiB) fit one device call, but not together with the test binaries of gpu/.
+# The benchmark against transformers + PEFT + bitsandbytes (scripts/bench_compare.sh) needs
+# the stripped `qlora` (~11 MiB) and bitsandbytes (the GPU machine has torch, transformers and
+# peft but no bitsandbytes and no network), in gpu-bench/ (ignored by git):
 #   Here:   bash scripts/gpu_suite.sh build-bench
-#       release `qlora` → gpu-bench/bin/qlora (stripped); `pip download` of the pinned
-#       bitsandbytes manylinux x86_64 wheel → gpu-bench/wheels/ (the GPU machine has torch,
-#       transformers and peft but no bitsandbytes and no network). Prints the total size.
-#   There, one call with carry ["gpu-bench"] when that total is under 64 MiB:
-#       bash scripts/gpu_suite.sh install-wheels && bash scripts/gpu_suite.sh bench
-#   or, if it is not, two calls on the same warm machine (each under 64 MiB):
-#       1. carry ["gpu-bench/wheels"]:  bash scripts/gpu_suite.sh install-wheels
-#          (pip install --no-index into .tools/pydeps, which stays on the warm machine)
-#       2. carry ["gpu-bench/bin"]:     bash scripts/gpu_suite.sh bench [bench_compare args]
+#       release `qlora` → gpu-bench/bin/qlora; the pinned bitsandbytes wheel unpacked into
+#       gpu-bench/pydeps with only the CUDA 13.0 library (the wheel's 128 MiB are mostly
+#       libraries for other CUDA and ROCm versions; 4 MiB remain). Prints the total size.
+#   There, with carry ["gpu-bench"] (or ["gpu", "gpu-bench"]: both fit one call's 64 MiB):
+#       bash scripts/gpu_suite.sh bench [bench_compare args]
 #   `bench` runs llama3-8b at T 2048 and 4096 (B 1, r 16, all linear, checkpointing) for both
 #   and prints them side by side; raw outputs land in $OUT.
 set -euo pipefail
@@ -64,6 +60,15 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)"
     cp "$bench" "$DEST/bench-linear"
     strip "$DEST/bench-linear" 2>/dev/null || true
+    # The optimizer bench (issue 6): CPU rows always, GPU rows where Device::open succeeds.
+    bench="$(cargo bench -p qlora-optim --bench adamw --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import sys, json
+for l in sys.stdin:
+    try: m = json.loads(l)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)"
+    cp "$bench" "$DEST/bench-adamw"
+    strip "$DEST/bench-adamw" 2>/dev/null || true
     cp "$ROOT/scripts/gpu_suite.sh" "$DEST/gpu_suite.sh"
     du -sh "$DEST"
     ls -la "$DEST"
@@ -85,44 +90,44 @@ run)
         echo "=== $name"
         # --ignored runs exactly the GPU tests; one thread: one device, readable logs.
         # (the exhaustive 2^31 dynamic-map check is CPU-only and long: not part of this lane)
-        if ! "$t" --ignored --test-threads=1 --skip exhaustive_select_form_equals_literal 2>&1 | tee "$LOG/$name.log"; then status=1; fi
+        # A kernel that deadlocks would hang the whole device call: each binary gets
+        # ${QLORA_GPU_TEST_TIMEOUT:-300} s (the whole suite runs in well under that on an H100).
+        # --nocapture: each parity check prints its worst element and % of budget.
+        if ! timeout "${QLORA_GPU_TEST_TIMEOUT:-300}" "$t" --ignored --test-threads=1 --nocapture \
+            --skip exhaustive_select_form_equals_literal 2>&1 | tee "$LOG/$name.log"; then status=1; fi
     done
     echo "=== bench-linear"
     gpu/bench-linear 2>&1 | tee "$LOG/bench-linear.log" || status=1
+    echo "=== bench-adamw"
+    gpu/bench-adamw --steps 20 2>&1 | tee "$LOG/bench-adamw.log" || status=1
     exit $status
     ;;
 build-bench)
     DEST="$ROOT/gpu-bench"
-    mkdir -p "$DEST/bin" "$DEST/wheels"
+    rm -rf "$DEST"
+    mkdir -p "$DEST/bin" "$DEST/pydeps"
     cd "$ROOT"
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
     cargo build --release -p qlora-cli
     cp "$CARGO_TARGET_DIR/release/qlora" "$DEST/bin/qlora"
     strip "$DEST/bin/qlora" 2>/dev/null || true
     # bitsandbytes 0.50.2: ships libbitsandbytes_cuda130.so (CUDA 13.0, the H100 driver 580)
-    # beside cuda118…cuda128 builds, picked by torch.version.cuda; requires torch >= 2.4.
-    # py3-none-manylinux_2_24_x86_64: one wheel for every CPython >= 3.10.
-    rm -f "$DEST/wheels/"*.whl
+    # beside cuda118…cuda132 and ROCm builds, picked by torch.version.cuda (2.11.0+cu130
+    # there); requires torch >= 2.4. py3-none-manylinux_2_24_x86_64: one wheel for every
+    # CPython >= 3.10. A wheel is a zip: unpacked, it imports from PYTHONPATH as installed.
+    wheels="$(mktemp -d)"
     python3 -m pip download "bitsandbytes==$BNB_VERSION" --no-deps --only-binary=:all: \
-        --platform manylinux_2_24_x86_64 --python-version 3.12 -d "$DEST/wheels"
-    du -sh "$DEST/bin" "$DEST/wheels"
+        --platform manylinux_2_24_x86_64 --python-version 3.12 -d "$wheels"
+    python3 -c 'import re, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+z.extractall(sys.argv[2], [n for n in z.namelist()
+    if not re.search(r"libbitsandbytes_(?!cuda130\.so$|cpu\.so$)", n)])' \
+        "$wheels"/bitsandbytes-*.whl "$DEST/pydeps"
+    rm -rf "$wheels"
+    ls "$DEST"/pydeps/bitsandbytes/libbitsandbytes_*
+    du -sh "$DEST/bin" "$DEST/pydeps"
     total=$(du -sb "$DEST" | cut -f1)
-    if (( total < 64 * 1024 * 1024 )); then
-        echo "gpu_suite: $total bytes: one device call, carry [\"gpu-bench\"]:"
-        echo "    bash scripts/gpu_suite.sh install-wheels && bash scripts/gpu_suite.sh bench"
-    else
-        echo "gpu_suite: $total bytes exceed the 64 MiB carry limit: two calls on a warm machine:"
-        echo "    1. carry [\"gpu-bench/wheels\"]: bash scripts/gpu_suite.sh install-wheels"
-        echo "    2. carry [\"gpu-bench/bin\"]:    bash scripts/gpu_suite.sh bench"
-    fi
-    ;;
-install-wheels)
-    # On the device machine (no network): install the carried wheel where bench_compare.sh
-    # puts it on PYTHONPATH; torch, numpy and packaging are already there (--no-deps).
-    cd "$(pwd)"
-    ls gpu-bench/wheels/*.whl >/dev/null
-    python3 -m pip install --no-index --no-deps --upgrade --target .tools/pydeps gpu-bench/wheels/*.whl
-    PYTHONPATH="$(pwd)/.tools/pydeps" python3 -c 'import bitsandbytes as b, torch; print("bitsandbytes", b.__version__, "torch", torch.__version__, "cuda", torch.version.cuda)'
+    echo "gpu_suite: $total bytes; device call with carry [\"gpu-bench\"]: bash scripts/gpu_suite.sh bench"
     ;;
 bench)
     # On the device machine: qlora vs transformers + PEFT + bitsandbytes, side by side.
@@ -138,7 +143,7 @@ local)
     exec bash "$ROOT/scripts/gpu_suite.sh" run
     ;;
 *)
-    echo "usage: $0 [build [DEST] | run | build-bench | install-wheels | bench [ARGS]]" >&2
+    echo "usage: $0 [build [DEST] | run | build-bench | bench [ARGS]]" >&2
     exit 2
     ;;
 esac
