@@ -112,9 +112,11 @@ fn a_real_step_holds_at_least_the_planned_live_peak() {
     assert!(held >= report.peak_live, "{held} < {}", report.peak_live);
 }
 
-/// The planned arena replayed on the device: with the arena of `plan_step_arena` reserved
-/// (plus the trainer's slack), three training steps place every step buffer in it (no pool
-/// fallback), never past the planned size, and give the same loss as the pool path.
+/// The planned arena replayed on the device: with exactly the arena of `plan_step_arena`
+/// reserved, three training steps place every step buffer in it (no pool fallback), reach
+/// exactly the planned high-water mark (the same allocation sequence through the same
+/// `ArenaPlanner`), leave in the pool exactly the op temporaries the plan's workspace counts,
+/// and give the same loss as the pool path.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn the_planned_arena_holds_every_step_buffer() {
@@ -150,11 +152,17 @@ fn the_planned_arena_holds_every_step_buffer() {
         let be = cuda();
         let model = bench::random_model(&be, &config, 1).unwrap();
         let mut adapter = bench::random_adapter(&be, &config, &lora, 2).unwrap();
+        let mut pool0 = 0;
         if arena {
-            be.reserve_step_arena(
-                report.high_water + qlora_train::trainer::CUDA_STEP_ARENA_SLACK as usize,
-            )
-            .unwrap();
+            be.reserve_step_arena(report.high_water).unwrap();
+            // cuBLASLt's workspace and the double-quant map are made on first use and kept
+            // (their own plan lines): make them before the baseline.
+            be.device().with_blas(|_| Ok(())).unwrap();
+            be.device().dynamic_map().unwrap();
+            be.synchronize().unwrap();
+            be.device().trim_pool();
+            let (live, cached) = be.device().pool_bytes();
+            pool0 = live + cached;
         }
         let mut l = Vec::new();
         for _ in 0..3 {
@@ -175,7 +183,26 @@ fn the_planned_arena_holds_every_step_buffer() {
                 0,
                 "step buffers fell back to the pool"
             );
+            assert_eq!(high, report.high_water, "arena high water vs the plan's");
             assert!(high <= size);
+            let (live, cached) = be.device().pool_bytes();
+            let temporaries = plan::pool_held(&plan::cuda_step_temporaries(
+                &config,
+                &lora,
+                &layout,
+                true,
+                2,
+                (b, t),
+            ));
+            println!(
+                "pool: {} B of op temporaries (planned {temporaries} B)",
+                live + cached - pool0
+            );
+            assert_eq!(
+                live + cached - pool0,
+                temporaries,
+                "op temporaries in the pool"
+            );
         }
         losses.push(l);
     }
@@ -183,5 +210,83 @@ fn the_planned_arena_holds_every_step_buffer() {
     // atomics of the LoRA gradient reductions (documented non-determinism), so 1e-4.
     for (p, a) in losses[0].iter().zip(&losses[1]) {
         assert!((p - a).abs() <= 1e-4, "pool {p} vs arena {a}");
+    }
+}
+
+/// `qlora memory`'s total against the device: a model, adapter and unpaged AdamW made as the
+/// trainer and `qlora bench` make them, the planned arena reserved, two steps (forward,
+/// backward, optimizer). The device memory they hold afterwards (`cudaMemGetInfo` above the
+/// baseline just after the context was made) is the plan's total without its stated CUDA
+/// context. Under the CPU emulator (no context, no lazily loaded kernel images) the two are
+/// equal to the byte; on a GPU the driver's own lazy allocations (module images, cuBLASLt
+/// internals) add to the measured side, so the issue's 5 % is the bound there.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_plan_total_is_what_a_real_step_holds_on_the_device() {
+    use qlora_train::bench::{AdapterOptimizer, TrainerOptimizer};
+    use qlora_train::plan::{DeviceDtype, PlanDevice, PlanRequest};
+    let be = cuda();
+    be.synchronize().unwrap();
+    let used = |be: &CudaBackend| {
+        let (free, total) = be.device().mem_info().unwrap();
+        (total - free) as u64
+    };
+    let used0 = used(&be);
+    let config = ModelConfig::synthetic_llama(256, 704, 2, 4, 2, 4096);
+    let lora = LoraConfig {
+        r: 16,
+        lora_alpha: 32.0,
+        target_modules: TargetModules::AllLinear,
+        ..LoraConfig::default()
+    };
+    let (b, t) = (2, 96);
+    let adamw = qlora_train::plan::AdamWConfig::default();
+    let p = plan::plan(&PlanRequest {
+        model: config.clone(),
+        lora: lora.clone(),
+        base: qlora_train::BaseFormat::QLORA,
+        device: PlanDevice::Cuda,
+        dtype: DeviceDtype::Bf16,
+        batch_size: b,
+        seq_len: t,
+        checkpointing: true,
+        adamw: adamw.clone(),
+        paged: false,
+        caching_pool: false,
+    })
+    .unwrap();
+    let model = bench::random_model(&be, &config, 1).unwrap();
+    let mut adapter = bench::random_adapter(&be, &config, &lora, 2).unwrap();
+    let mut opt =
+        TrainerOptimizer::new(&be, &adapter.layout, adamw, "adamw", p.step_bytes()).unwrap();
+    be.reserve_step_arena(p.step_bytes() as usize).unwrap();
+    let batch = bench::random_batch(&config, b, t, 3).unwrap();
+    let opts = StepOptions {
+        checkpointing: true,
+        ..StepOptions::default()
+    };
+    for _ in 0..2 {
+        qlora_train::forward_backward(&be, &model, &mut adapter, &batch, opts).unwrap();
+        opt.step(&be, &mut adapter.params, &adapter.grads, 1e-4)
+            .unwrap();
+    }
+    be.synchronize().unwrap();
+    assert_eq!(be.arena_fallbacks(), 0);
+    let measured = used(&be) - used0;
+    let planned = p.total - p.cuda_context;
+    println!(
+        "device memory held: {measured} B; planned without the CUDA context: {planned} B \
+         ({:+} B, {:+.3} %)",
+        planned as i64 - measured as i64,
+        100.0 * (planned as f64 - measured as f64) / measured as f64
+    );
+    for (label, bytes) in p.lines() {
+        println!("  {label:<40} {bytes:>12}");
+    }
+    if be.device().name().contains("emulator") {
+        assert_eq!(measured, planned);
+    } else {
+        let rel = (planned as f64 - measured as f64).abs() / measured as f64;
+        assert!(rel <= 0.05, "planned {planned} vs measured {measured}");
     }
 }

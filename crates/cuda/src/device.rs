@@ -124,6 +124,11 @@ struct Pool {
 
 impl Pool {
     fn take(&self, bytes: usize, what: &str) -> Result<(sys::CUdeviceptr, usize)> {
+        // An empty buffer holds no block (class 0, null pointer: nothing ever reads it); a
+        // 512-byte block per empty buffer would be memory no plan accounts for.
+        if bytes == 0 {
+            return Ok((0, 0));
+        }
         let class = pool_class(bytes);
         {
             let mut p = self.inner.lock().expect("pool lock");
@@ -152,6 +157,9 @@ impl Pool {
     }
 
     fn give(&self, ptr: sys::CUdeviceptr, class: usize) {
+        if class == 0 {
+            return;
+        }
         let mut p = self.inner.lock().expect("pool lock");
         p.live_bytes -= class;
         p.cached_bytes += class;

@@ -75,6 +75,27 @@ pub struct GpuAdamW {
 }
 
 impl GpuAdamW {
+    /// Bytes of the plain device allocations [`GpuAdamW::new`] makes beside the state arena,
+    /// for the memory planner: the chunk table (32 B a chunk), the two dynamic maps (2 × 256
+    /// f32), the first chunk of each tensor (`n_tensors + 1` u32), the per-chunk f64 norm
+    /// partials, `clip` (2 f32) and `counters` (4 u32). Paged or not, these stay on the device.
+    pub fn table_bytes(layout: &crate::ArenaLayout, state: &StateLayout) -> [usize; 6] {
+        let n_chunks = crate::arena::chunk_table(layout, state).len();
+        [
+            // An empty table is uploaded as one word.
+            if n_chunks == 0 {
+                4
+            } else {
+                std::mem::size_of::<crate::Chunk>() * n_chunks
+            },
+            4 * 512,
+            4 * (layout.tensors().len() + 1),
+            8 * n_chunks.max(1),
+            4 * 2,
+            4 * 4,
+        ]
+    }
+
     /// Moves `host` (fresh or loaded) to the device. `paged`: keep the state in managed memory
     /// under `policy` (refused with [`OptimError::WouldOversubscribe`] when the state does not
     /// fit in free device memory); otherwise plain device memory and `policy` is ignored.

@@ -79,10 +79,19 @@ fn check_resident(p: &MemoryPlan) {
     let sizes = [C * C, KVD * C, KVD * C, C * C, I * C, I * C, C * I];
     let codes: usize = sizes.iter().map(|n| n / 2).sum(); // all even
     assert_eq!(p.nf4_codes, (L * codes) as u64, "nf4 codes");
-    // Double quant: u8 code per 64-block + f32 nested absmax per 256 blocks (one each here)
-    // + 16 f32 NF4 map + 256 f32 dynamic map + f32 offset.
-    let consts: usize = sizes.iter().map(|n| n / 64 + 4 + 64 + 1024 + 4).sum();
-    assert_eq!(p.nf4_constants, (L * consts) as u64, "nf4 constants");
+    // Double quant: u8 code per 64-block + f32 nested absmax per 256 blocks (one each here);
+    // on the CPU as bitsandbytes stores them, + 16 f32 NF4 map + 256 f32 dynamic map + f32
+    // offset per tensor; on CUDA one 256 f32 dynamic map for the device.
+    let consts: usize = match p.device {
+        PlanDevice::Cpu => {
+            L * sizes
+                .iter()
+                .map(|n| n / 64 + 4 + 64 + 1024 + 4)
+                .sum::<usize>()
+        }
+        PlanDevice::Cuda => L * sizes.iter().map(|n| n / 64 + 4).sum::<usize>() + 1024,
+    };
+    assert_eq!(p.nf4_constants, consts as u64, "nf4 constants");
     // A (R, in) + B (out, R) per projection.
     let numel = L * R * ((C + C) + 2 * (C + KVD) + (C + C) + 2 * (C + I) + (I + C));
     assert_eq!(numel, 9248);
@@ -90,7 +99,13 @@ fn check_resident(p: &MemoryPlan) {
     assert_eq!(p.adapter_params, 4 * numel as u64);
     assert_eq!(p.adapter_grads, 4 * numel as u64);
     // AdamW 32-bit: m then v, f32, each section starting on 256 bytes: 36992 → 37120.
-    assert_eq!(p.optimizer_state, 37120 + 36992 + 128);
+    // On CUDA also GpuAdamW's tables: 28 tensors of ≤ 2048 elements = 28 chunks of 32 B,
+    // the two 256 f32 maps, 29 u32 first-chunk indices, 28 f64 partials, 2 f32, 4 u32.
+    let tables = match p.device {
+        PlanDevice::Cpu => 0,
+        PlanDevice::Cuda => 28 * 32 + 2048 + 29 * 4 + 28 * 8 + 8 + 16,
+    };
+    assert_eq!(p.optimizer_state, 37120 + 36992 + 128 + tables);
     assert_eq!(p.optimizer_resident_fwd_bwd, p.optimizer_state);
     let sum: u64 = p.lines().iter().map(|(_, b)| b).sum();
     assert_eq!(p.total, sum);
@@ -167,11 +182,13 @@ fn cuda_bf16_plan_matches_hand_calculation() {
     // (f32, informational, outside the total).
     assert_eq!(p.dense_weights, (2 * (V * C + 5 * C)) as u64);
     assert_eq!(p.host_embedding, (4 * V * C) as u64);
-    // 32 MiB cuBLASLt + the largest projection dequantized (172×64 bf16) + (N, R) bf16.
-    assert_eq!(
-        p.workspace,
-        (32 << 20) + (I * C * 2) as u64 + (N * R * 2) as u64
-    );
+    // 32 MiB cuBLASLt + the op temporaries as the pool holds them (blocks of powers of two
+    // ≥ 512 B). N = 16 rows ≤ the linear crossover (64): the fused path, no dequantize
+    // scratch. Each LoRA linear holds A (R, in), B (out, R) and (N, R) in bf16: all ≤ 512 B
+    // except gate/up's B and down's A (172·4·2 = 1376 B → 2048); q, k, v, o hold three 512s.
+    // attention_bwd's delta (B·H·T f32 = 256 B) and cross entropy's targets + losses (2×64 B)
+    // need no more: 3 × 512 + 2048.
+    assert_eq!(p.workspace, (32 << 20) + 3 * 512 + 2048);
     assert_eq!(p.cuda_context, plan::CUDA_CONTEXT_BYTES);
     // CudaBackend keeps rstd and lse in f32, saves attention as one f32 block (lse (B, H, T)
     // rounded up to 4, then the bf16 output two per element), and its rope table is the D/2
@@ -197,6 +214,31 @@ fn cuda_bf16_plan_matches_hand_calculation() {
     assert_eq!(p.loss_working_set, al(N * V * e) + al(N * 4));
 }
 
+/// Above the linear crossover (N = 128 > 64) every LoRA linear dequantizes its weight into a
+/// temporary of the pool as well.
+#[test]
+fn cuda_workspace_above_the_crossover_holds_each_dequantize_size_class() {
+    let mut req = request(PlanDevice::Cuda, DeviceDtype::Bf16, true);
+    req.seq_len = 64;
+    let n = B * 64;
+    assert!(n > qlora_cuda::ops::linear::Dispatch::default().crossover_m);
+    let p = plan::plan(&req).unwrap();
+    // Per op, bytes → pool class: A (R·in·2), B (out·R·2), (N, R) = 1024, W (out·in·2):
+    //   q, o:      512, 512, 1024, 8192
+    //   k, v:      512, 256→512, 1024, 4096
+    //   gate, up:  512, 1376→2048, 1024, 22016→32768
+    //   down:      1376→2048, 512, 1024, 32768
+    //   attention_bwd delta: B·H·T·4 = 2048; cross entropy: 512 B targets + 512 B losses.
+    // Most blocks of one class live in one op: 512 ×2 (q, o; cross entropy), one of the rest.
+    let held = 2 * 512 + 1024 + 2048 + 4096 + 8192 + 32768;
+    assert_eq!(p.workspace, (32 << 20) + held as u64);
+    // With LoRA dropout, x_d (N, in) joins every LoRA linear, and the backward dequantizes
+    // W whatever the row count: down's x_d is 128·172·2 = 44032 B → 65536.
+    req.lora.lora_dropout = 0.1;
+    let q = plan::plan(&req).unwrap();
+    assert_eq!(q.workspace, (32 << 20) + (held + 16384 + 65536) as u64);
+}
+
 #[test]
 fn eight_bit_state_follows_the_blockwise_rule() {
     let mut req = request(PlanDevice::Cuda, DeviceDtype::Bf16, true);
@@ -213,11 +255,18 @@ fn eight_bit_state_follows_the_blockwise_rule() {
     let m32 = 4 * n32; // 20480, already 256-aligned
     let absmax = al(4 * blocks) as usize; // 72 → 256 each
     let n8 = blocks * 256; // 4608 codes per moment, 256-aligned
-    assert_eq!(p.optimizer_state, (2 * m32 + 2 * absmax + 2 * n8) as u64);
-    // Paged: the state leaves the device between updates but still counts at the update.
+                           // GpuAdamW's tables: 22 f32 tensors of one chunk + 6 × 3 blocks = 40 chunks of 32 B,
+                           // the two maps, 29 first-chunk indices, 40 f64 partials, clip and counters.
+    let tables = 40 * 32 + 2048 + 29 * 4 + 40 * 8 + 8 + 16;
+    assert_eq!(
+        p.optimizer_state,
+        (2 * m32 + 2 * absmax + 2 * n8 + tables) as u64
+    );
+    // Paged: the state leaves the device between updates but still counts at the update;
+    // the tables stay.
     req.paged = true;
     let q = plan::plan(&req).unwrap();
-    assert_eq!(q.optimizer_resident_fwd_bwd, 0);
+    assert_eq!(q.optimizer_resident_fwd_bwd, tables as u64);
     // (Managed memory is not from the pool: only the size-class rounding line differs.)
     assert_eq!(q.total - q.pool_overhead, p.total - p.pool_overhead);
 }

@@ -232,9 +232,7 @@ pub fn run(a: Args) -> Result<()> {
                 |timed, adapter| {
                     // As the trainer: the planned step arena once the model and adapter are
                     // resident.
-                    timed.inner.reserve_step_arena(
-                        (plan.step_bytes() + qlora_train::trainer::CUDA_STEP_ARENA_SLACK) as usize,
-                    )?;
+                    timed.inner.reserve_step_arena(plan.step_bytes() as usize)?;
                     Ok(bench::TrainerOptimizer::new(
                         &timed.inner,
                         &adapter.layout,

@@ -85,7 +85,7 @@ impl CudaBackend {
         match w {
             CudaFrozen::Dense { w, .. } => view::<bf16>(w, op, "w"),
             CudaFrozen::Nf4 { w: nw, .. } => {
-                let mut s = self.allocate(Dtype::Bf16, nw.numel(), false, op)?;
+                let mut s = self.temporary(Dtype::Bf16, nw.numel(), op)?;
                 g_nf4::dequant_fwd(
                     &self.dev,
                     &mut view_mut::<bf16>(&mut s, op, "dequant scratch")?,
@@ -116,7 +116,7 @@ impl CudaBackend {
 
     /// `x_d = drop(x)` into a new scratch.
     fn dropped(&self, x: &View<'_, bf16>, d: Dropout, op: &str) -> CResult<CudaBuf> {
-        let mut xd = self.allocate(Dtype::Bf16, x.len(), false, op)?;
+        let mut xd = self.temporary(Dtype::Bf16, x.len(), op)?;
         elementwise::dropout_fwd(
             &self.dev,
             &mut view_mut::<bf16>(&mut xd, op, "x_d")?,
@@ -169,7 +169,7 @@ impl CudaBackend {
                 let mut own_u = None;
                 let ub: &mut CudaBuf = match u {
                     Some(u) => u,
-                    None => own_u.insert(self.allocate(Dtype::Bf16, n * s.r, false, OP)?),
+                    None => own_u.insert(self.temporary(Dtype::Bf16, n * s.r, OP)?),
                 };
                 let mut usv = view_mut::<bf16>(ub, OP, "u")?;
                 let xd = match active(args.dropout) {
@@ -192,7 +192,7 @@ impl CudaBackend {
                         };
                         let mut scr = match self.dispatch.path(n) {
                             g_linear::LinearPath::DequantBlas => {
-                                Some(self.allocate(Dtype::Bf16, o * k, false, OP)?)
+                                Some(self.temporary(Dtype::Bf16, o * k, OP)?)
                             }
                             g_linear::LinearPath::Fused => None,
                         };
@@ -295,10 +295,10 @@ impl CudaBackend {
         match (w, dropout, d_x, grads) {
             (CudaFrozen::Nf4 { w: nw, .. }, None, Some(dx), Some(g)) => {
                 let (mut da, mut db) = grad_views(g)?;
-                let mut vs = self.allocate(Dtype::Bf16, n * r, false, OP)?;
+                let mut vs = self.temporary(Dtype::Bf16, n * r, OP)?;
                 let mut scr = match self.dispatch.path(n) {
                     g_linear::LinearPath::DequantBlas => {
-                        Some(self.allocate(Dtype::Bf16, o * k, false, OP)?)
+                        Some(self.temporary(Dtype::Bf16, o * k, OP)?)
                     }
                     g_linear::LinearPath::Fused => None,
                 };
@@ -331,7 +331,7 @@ impl CudaBackend {
             }
             (_, dropout, d_x, grads) => {
                 // vs (n, r) = S·d_y·B: Bop (n, j) at B[n·R + j].
-                let mut vs = self.allocate(Dtype::Bf16, n * r, false, OP)?;
+                let mut vs = self.temporary(Dtype::Bf16, n * r, OP)?;
                 let mut vsv = view_mut::<bf16>(&mut vs, OP, "vs")?;
                 g_linear::lora_proj(&self.dev, &mut vsv, &dyv, &bv, r, 1, n, o, r, scale, None)?;
                 let vsv = vsv.as_view();
@@ -351,7 +351,7 @@ impl CudaBackend {
                     match dropout {
                         None => self.gemm(&mut dxv, &vsv, &av, lora_dx, 1.0)?,
                         Some(d) => {
-                            let mut t = self.allocate(Dtype::Bf16, n * k, false, OP)?;
+                            let mut t = self.temporary(Dtype::Bf16, n * k, OP)?;
                             let mut tv = view_mut::<bf16>(&mut t, OP, "t")?;
                             self.gemm(&mut tv, &vsv, &av, lora_dx, 0.0)?;
                             elementwise::dropout_bwd_acc(

@@ -23,14 +23,15 @@
 //! pending error is what the caller must look at).
 //!
 //! # Allocation
-//! Every activation, saved buffer and scratch goes through ONE private function,
-//! `CudaBackend::allocate`. Before the first step the trainer reserves the step arena the
+//! Every buffer the schedule asks for (activations, saved buffers, gradients of activations)
+//! goes through ONE private function, `CudaBackend::allocate`; an op's own temporaries
+//! (dequantize scratch, bf16 LoRA copies, uploaded ids) through `CudaBackend::temporary`,
+//! always from the caching pool. Before the first step the trainer reserves the step arena the
 //! memory planner computed ([`CudaBackend::reserve_step_arena`], [`crate::plan`]): one device
 //! allocation whose blocks are placed by the same deterministic [`ArenaPlanner`] the planner
 //! ran over the same schedule, so the step's buffers land at the planned offsets and fit by
-//! construction. What the plan did not model (per-call id uploads, an eval batch of another
-//! shape) takes a free gap or, when none is large enough, the caching pool; those fallbacks are
-//! counted ([`CudaBackend::arena_fallbacks`]). Blocks are freed on drop while kernels may still
+//! construction. What the plan did not model (an eval batch of another shape) takes a free gap
+//! or, when none is large enough, the caching pool; those fallbacks are counted ([`CudaBackend::arena_fallbacks`]). Blocks are freed on drop while kernels may still
 //! be queued: every op runs on the one main stream, so reuse is stream-ordered, as with the pool.
 //!
 //! # Limits (typed errors, never wrong results)
@@ -112,6 +113,16 @@ enum Mem {
     Pool(qlora_cuda::Buf<u8>),
     /// A block of the step arena, returned to the arena's planner on drop.
     Arena(ArenaBlock),
+}
+
+/// Which allocation path a buffer takes (see [`CudaBackend::allocate`] and
+/// [`CudaBackend::temporary`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// A buffer of the schedule: the step arena when reserved, else the pool.
+    Step,
+    /// An op's internal temporary: always the pool.
+    Temporary,
 }
 
 /// One planned device allocation for the buffers of a training step.
@@ -286,7 +297,7 @@ impl CudaBackend {
     }
 
     /// Reserve the step arena: one device allocation of `bytes` (the planner's
-    /// `arena_high_water` plus slack for what it does not model) from which every later
+    /// `arena_high_water`; the step's buffers replay its offsets exactly) from which every later
     /// [`Backend::zeros`]/[`Backend::upload`] is placed while it has room. Call it after the
     /// model and the adapter are resident (they are not step buffers) and before the first
     /// step. Reserving again replaces the arena (its live blocks keep the old one alive).
@@ -371,13 +382,38 @@ impl CudaBackend {
         }
     }
 
-    /// THE allocation path of every activation, saved buffer and scratch buffer of this
-    /// backend (`zeros`, `upload`, per-op scratch): `len` elements of `dtype`, zero-filled when
-    /// `zero` (queued on the main stream): a block of the step arena when one is reserved and
-    /// has room, else the caching pool.
+    /// THE allocation path of the buffers the schedule asks for (`zeros`, `upload`,
+    /// `rope_table`: activations, saved buffers, gradients of activations): `len` elements of
+    /// `dtype`, zero-filled when `zero` (queued on the main stream): a block of the step arena
+    /// when one is reserved and has room, else the caching pool.
     fn allocate(&self, dtype: Dtype, len: usize, zero: bool, what: &str) -> CResult<CudaBuf> {
+        self.allocate_in(Place::Step, dtype, len, zero, what)
+    }
+
+    /// An op's own temporary (`(len,)` of `dtype`, not zeroed), dropped before the op returns:
+    /// dequantize scratch, bf16 copies of LoRA A/B, `vs`, uploaded ids and labels, ... Always
+    /// from the caching pool, never the step arena: the planner replays only the schedule's
+    /// buffers through its `ArenaPlanner`, so one temporary placed in an arena gap would move
+    /// every later offset and the step would no longer fit the plan by construction (seen
+    /// under the emulator: a 2-layer step used 4.09 MB of a planned 3.72 MB). The planner
+    /// counts these as pool blocks (`MemoryPlan::workspace`).
+    fn temporary(&self, dtype: Dtype, len: usize, what: &str) -> CResult<CudaBuf> {
+        self.allocate_in(Place::Temporary, dtype, len, false, what)
+    }
+
+    fn allocate_in(
+        &self,
+        place: Place,
+        dtype: Dtype,
+        len: usize,
+        zero: bool,
+        what: &str,
+    ) -> CResult<CudaBuf> {
         let bytes = len * dtype.size();
-        let mem = match (bytes > 0).then(|| self.arena_block(bytes)).flatten() {
+        let block = (place == Place::Step && bytes > 0)
+            .then(|| self.arena_block(bytes))
+            .flatten();
+        let mem = match block {
             Some(block) => Mem::Arena(block),
             None => Mem::Pool(self.dev.alloc::<u8>(bytes, what)?),
         };
@@ -427,7 +463,7 @@ impl CudaBackend {
 
     /// Token ids / labels `(n,)` i32 into a scratch buffer (checked by the schedule).
     fn upload_i32(&self, host: &[i32], what: &str) -> CResult<CudaBuf> {
-        let mut b = self.allocate(Dtype::I32, host.len(), false, what)?;
+        let mut b = self.temporary(Dtype::I32, host.len(), what)?;
         self.dev
             .copy_in(host, &mut view_mut::<i32>(&mut b, what, "dst")?)?;
         Ok(b)
@@ -437,7 +473,7 @@ impl CudaBackend {
     /// compute dtype; one rounding).
     fn to_bf16(&self, src: &CudaBuf, off: usize, len: usize, op: &str) -> CResult<CudaBuf> {
         let s = slice::<f32>(src, off, len, op, "params")?;
-        let mut d = self.allocate(Dtype::Bf16, len, false, op)?;
+        let mut d = self.temporary(Dtype::Bf16, len, op)?;
         elementwise::cast(
             &self.dev,
             &mut view_mut::<bf16>(&mut d, op, "cast")?,
@@ -620,7 +656,7 @@ impl Backend for CudaBackend {
             ));
         }
         let q = (|| -> CResult<Nf4Weight> {
-            let mut x = self.allocate(Dtype::F32, data.len(), false, "quantize_frozen")?;
+            let mut x = self.temporary(Dtype::F32, data.len(), "quantize_frozen")?;
             self.dev
                 .copy_in(&data, &mut view_mut::<f32>(&mut x, "quantize_frozen", "w")?)?;
             ops::nf4::quantize_fwd(
@@ -749,7 +785,7 @@ impl Backend for CudaBackend {
                 // The trainable (modules_to_save) copy is f32 in the adapter arena: gather the
                 // f32 rows, then round them once to the bf16 activations.
                 _ => {
-                    let mut rows = self.allocate(Dtype::F32, ids.len() * c, false, OP)?;
+                    let mut rows = self.temporary(Dtype::F32, ids.len() * c, OP)?;
                     g_emb::fwd(
                         &self.dev,
                         &mut view_mut::<f32>(&mut rows, OP, "rows")?,
@@ -911,7 +947,7 @@ impl Backend for CudaBackend {
                 .slice(4 * lse_n, bytes.len() - 4 * lse_n)
                 .cast::<bf16>()
                 .slice(0, nq);
-            let mut delta = self.allocate(Dtype::F32, rows, false, OP)?;
+            let mut delta = self.temporary(Dtype::F32, rows, OP)?;
             g_attention::bwd(
                 &self.dev,
                 &mut view_mut::<bf16>(d_q, OP, "d_q")?,
@@ -1036,7 +1072,7 @@ impl Backend for CudaBackend {
         let mut sum = f64::NAN;
         self.run(OP, || {
             let lab = self.upload_i32(targets, OP)?;
-            let mut loss = self.allocate(Dtype::F32, targets.len(), false, OP)?;
+            let mut loss = self.temporary(Dtype::F32, targets.len(), OP)?;
             g_ce::fwd(
                 &self.dev,
                 &mut view_mut::<f32>(&mut loss, OP, "loss")?,

@@ -16,11 +16,13 @@
 mod arena;
 mod backend;
 pub mod shapes;
+mod temporaries;
 
 pub use arena::ArenaPlanner;
 pub use backend::{
     ArenaReport, Layout, Phase, PlanBackend, PlanBuf, PlanFrozen, Role, ARENA_ALIGN,
 };
+pub use temporaries::{cuda_step_temporaries, pool_held};
 
 use serde::Serialize;
 
@@ -31,7 +33,7 @@ use crate::model::{BaseFormat, Layer, Linear, Model};
 use crate::schedule::{forward_backward, Adapter, Batch, StepOptions};
 use crate::Backend;
 pub use qlora_optim::{AdamWConfig, StateBits};
-use qlora_optim::{ArenaLayout, StateLayout};
+use qlora_optim::{ArenaLayout, GpuAdamW, StateLayout};
 
 /// The CUDA context (driver state, the kernel images of `cuda/*.cu`, cuBLASLt's handle): device
 /// memory that `cudaMemGetInfo` counts and no allocation of ours owns. A stated constant, not
@@ -101,8 +103,10 @@ pub struct MemoryPlan {
     pub trainable_params: usize,
     /// Packed NF4 codes of the projections, `ceil(out·in / 2)` each.
     pub nf4_codes: u64,
-    /// Their quantization constants as bitsandbytes stores them (u8 absmax codes, nested
-    /// absmax per QB2 blocks, offset, code tables; f32 absmax without double quant).
+    /// Their quantization constants: on the CPU as bitsandbytes stores them (u8 absmax codes,
+    /// nested absmax per QB2 blocks, offset, code tables; f32 absmax without double quant);
+    /// on CUDA as the device holds them (the absmax codes and nested absmax per tensor, one
+    /// shared 256-entry dynamic map; the NF4 map is in the kernel, the offset an argument).
     pub nf4_constants: u64,
     /// Unquantized frozen weights in the device dtype: lm_head (a copy even when tied:
     /// `Model` holds it as its own frozen linear), norms, biases; dense projections when the
@@ -117,9 +121,11 @@ pub struct MemoryPlan {
     pub adapter_params: u64,
     /// f32 adapter gradients `(numel,)`.
     pub adapter_grads: u64,
-    /// The optimizer's state arena (`StateLayout::total_bytes`).
+    /// The optimizer's state arena (`StateLayout::total_bytes`); on CUDA also `GpuAdamW`'s
+    /// device tables (`GpuAdamW::table_bytes`: chunk table, dynamic maps, norm partials).
     pub optimizer_state: u64,
-    /// Of which resident during forward/backward (0 when paged; the update still brings it in,
+    /// Of which resident during forward/backward (only the tables when paged; the update
+    /// still brings the state in,
     /// and the step arena stays allocated then, so paging does not lower the peak).
     pub optimizer_resident_fwd_bwd: u64,
     /// Step arena, bytes live at its peak, by role (see [`Role`]).
@@ -135,12 +141,14 @@ pub struct MemoryPlan {
     /// Informational (inside the arena, not a line of its own): the loss's logits + lse, which
     /// are live together before the peak.
     pub loss_working_set: u64,
-    /// CUDA: cuBLASLt workspace + the dequantize-to-scratch buffer of the non-fused linear path
-    /// (the largest projection, out·in in the device dtype) + the LoRA `(N, R)` scratch.
+    /// CUDA: cuBLASLt's workspace + the ops' temporaries (`CudaBackend::temporary`: each
+    /// projection's dequantize-to-scratch weight, bf16 copies of LoRA A/B, `(N, R)` products,
+    /// ids and losses), as the caching pool holds them after a step: per size class, the most
+    /// blocks one op had live together ([`pool_held`]).
     pub workspace: u64,
     /// CUDA: what qlora-cuda's caching pool holds beyond the exact sizes above: each
     /// resident allocation and the step arena rounded to its size class
-    /// (`qlora_cuda::device::pool_class`), one cached dequant block per size class; with
+    /// (`qlora_cuda::device::pool_class`); with
     /// [`PlanRequest::caching_pool`] instead of the arena, the step's blocks reused only within
     /// their class (the pool replays the step's allocation sequence; a freed logits block
     /// cannot serve a backward scratch buffer).
@@ -182,7 +190,7 @@ impl MemoryPlan {
             ("scratch (backward)", self.scratch),
             ("loss (logits + logsumexp)", self.loss),
             ("arena fragmentation", self.arena_fragmentation),
-            ("workspace (cuBLASLt, dequant, LoRA)", self.workspace),
+            ("workspace (cuBLASLt, op temporaries)", self.workspace),
             ("caching-pool overhead (size classes)", self.pool_overhead),
             ("CUDA context (stated constant)", self.cuda_context),
         ]
@@ -335,13 +343,10 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
     // the embedding in host memory: `Backend::embedding_on_host`).
     let embed_on_device = req.device == PlanDevice::Cpu;
     let mut dense = (1 + embed_on_device as usize) * v * c + (2 * cfg.num_layers + 1) * c;
-    let mut largest_proj = 0usize;
     // Bytes of each resident device allocation (CudaBackend: one per tensor), for the pool
     // model: lm_head (and the embedding when on the device), the norms.
     let mut resident: Vec<usize> = vec![v * c * el; 1 + embed_on_device as usize];
     resident.extend(std::iter::repeat_n(c * el, 2 * cfg.num_layers + 1));
-    // Distinct dequantize-to-scratch sizes (the pool caches one block per size class).
-    let mut dequant_sizes: Vec<usize> = Vec::new();
     for _ in 0..cfg.num_layers {
         for p in Proj::ALL {
             let (inf, outf) = p.dims(cfg);
@@ -354,10 +359,6 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
                 dense += outf;
                 resident.push(outf * el);
             }
-            largest_proj = largest_proj.max(inf * outf);
-            if !dequant_sizes.contains(&(inf * outf * el)) {
-                dequant_sizes.push(inf * outf * el);
-            }
             match req.base {
                 BaseFormat::Nf4 {
                     blocksize,
@@ -365,17 +366,22 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
                 } => {
                     let (a, b) = nf4_bytes(inf * outf, blocksize, double_quant);
                     codes += a;
-                    constants += b;
                     // Nf4Weight::upload: packed codes, then the absmax codes and nested
-                    // absmax (or the f32 absmax).
+                    // absmax (or the f32 absmax). The code tables and the offset are not
+                    // per tensor on the device (the NF4 map is in the kernel, the offset a
+                    // launch argument, the dynamic map shared: below).
                     let blocks = (inf * outf).div_ceil(blocksize);
                     resident.push(a as usize);
-                    if double_quant {
-                        resident.push(blocks);
-                        resident.push(4 * blocks.div_ceil(qlora_nf4::NESTED_BLOCKSIZE));
+                    let on_device = if double_quant {
+                        vec![blocks, 4 * blocks.div_ceil(qlora_nf4::NESTED_BLOCKSIZE)]
                     } else {
-                        resident.push(4 * blocks);
-                    }
+                        vec![4 * blocks]
+                    };
+                    constants += match req.device {
+                        PlanDevice::Cuda => on_device.iter().sum::<usize>() as u64,
+                        PlanDevice::Cpu => b,
+                    };
+                    resident.extend(on_device);
                     // CpuBackend: the f32 per-block scales its GEMM reads the codes with, or
                     // (f64, no AVX-512F) the f32 compute copy of the weight.
                     if req.device == PlanDevice::Cpu {
@@ -394,53 +400,71 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
         }
     }
     let dense_weights = (dense * el) as u64;
+    // `Device::dynamic_map`: the 256-entry f32 map that decodes the absmax codes of double
+    // quantization, one per device.
+    if req.device == PlanDevice::Cuda
+        && matches!(
+            req.base,
+            BaseFormat::Nf4 {
+                double_quant: true,
+                ..
+            }
+        )
+    {
+        constants += 4 * 256;
+        resident.push(4 * 256);
+    }
 
     // Adapter, gradients, optimizer: the trainer's arenas.
     let numel = layout.numel;
     let arena_layout =
         ArenaLayout::from_ranges(layout.tensors().into_iter().map(|(k, _, r)| (k, r)), numel)
             .map_err(|e| bad("adapter layout", e.to_string()))?;
-    let optimizer_state = StateLayout::new(&arena_layout, &req.adamw).total_bytes as u64;
+    let state_layout = StateLayout::new(&arena_layout, &req.adamw);
+    // CUDA: GpuAdamW's tables (chunk table, maps, norm partials) stay on the device even
+    // when the state arena is paged.
+    let optimizer_tables: Vec<usize> = match req.device {
+        PlanDevice::Cuda => GpuAdamW::table_bytes(&arena_layout, &state_layout).to_vec(),
+        PlanDevice::Cpu => Vec::new(),
+    };
+    let tables = optimizer_tables.iter().sum::<usize>() as u64;
+    let optimizer_state = state_layout.total_bytes as u64 + tables;
     let adapter_params = 4 * numel as u64;
     let adapter_grads = 4 * numel as u64;
 
     let nf4 = matches!(req.base, BaseFormat::Nf4 { .. });
     let (workspace, cuda_context, pool_overhead) = match req.device {
         PlanDevice::Cuda => {
-            let r_max = layout.slots.iter().map(|s| s.r).max().unwrap_or(0);
-            let n = req.batch_size * req.seq_len;
-            let dequant = if nf4 { largest_proj * el } else { 0 };
-            let lora_scratch = n * r_max * el;
-            let ws = qlora_cuda::blas::WORKSPACE_BYTES + dequant + lora_scratch;
+            // cuBLASLt's workspace (made on first use, kept) and the ops' temporaries as the
+            // caching pool holds them after a step, size classes included (`temporaries`).
+            let temporaries = pool_held(&cuda_step_temporaries(
+                cfg,
+                &req.lora,
+                &layout,
+                nf4,
+                el,
+                (req.batch_size, req.seq_len),
+            ));
+            let ws = qlora_cuda::blas::WORKSPACE_BYTES + temporaries;
             // Every device allocation comes from qlora-cuda's caching pool, rounded to its
-            // size class: the resident tensors and the op workspaces always; the step's
-            // buffers either one by one (`caching_pool`, reused only within their class) or
-            // as the one planned step arena.
+            // size class: the resident tensors and the workspace always; the step's buffers
+            // either one by one (`caching_pool`, reused only within their class) or as the one
+            // planned step arena.
             let pool = {
                 use qlora_cuda::device::pool_class;
                 resident.extend([4 * numel, 4 * numel]);
                 if !req.paged {
-                    resident.push(optimizer_state as usize);
+                    resident.push(state_layout.total_bytes);
                 }
+                resident.extend(&optimizer_tables);
+                resident.push(qlora_cuda::blas::WORKSPACE_BYTES);
                 let rounding: usize = resident.iter().map(|&b| pool_class(b) - b).sum();
-                // Op scratch: one cached block per distinct dequant size class.
-                let mut classes: Vec<usize> = Vec::new();
-                if nf4 {
-                    for &b in &dequant_sizes {
-                        if !classes.contains(&pool_class(b)) {
-                            classes.push(pool_class(b));
-                        }
-                    }
-                }
-                let ws_pool = pool_class(qlora_cuda::blas::WORKSPACE_BYTES)
-                    + classes.iter().sum::<usize>()
-                    + pool_class(lora_scratch.max(1));
                 let step = if req.caching_pool {
                     arena.pool_held.saturating_sub(arena.high_water)
                 } else {
                     pool_class(arena.high_water) - arena.high_water
                 };
-                rounding + step + ws_pool.saturating_sub(ws)
+                rounding + step
             };
             (ws as u64, CUDA_CONTEXT_BYTES, pool as u64)
         }
@@ -466,7 +490,7 @@ pub fn plan(req: &PlanRequest) -> Result<MemoryPlan> {
         adapter_params,
         adapter_grads,
         optimizer_state,
-        optimizer_resident_fwd_bwd: if req.paged { 0 } else { optimizer_state },
+        optimizer_resident_fwd_bwd: if req.paged { tables } else { optimizer_state },
         activations: arena.activations as u64,
         scratch: arena.scratch as u64,
         loss: arena.loss as u64,

@@ -49,11 +49,6 @@ pub trait TrainBackend: Backend + Sized {
     /// What the memory planner ([`crate::plan`]) models for this backend: the device, its
     /// activation dtype, and whether buffers come from qlora-cuda's caching pool.
     fn plan_target(&self) -> (PlanDevice, DeviceDtype, bool);
-    /// Bytes held beyond the plan's step arena for what the plan does not model; the arena
-    /// itself is reserved by [`TrainBackend::reserve_step_arena`].
-    fn step_arena_slack(&self) -> u64 {
-        0
-    }
     /// Before the first step: reserve the planned step arena of `bytes` (a backend that
     /// allocates from the host keeps its allocator; the default does nothing).
     fn reserve_step_arena(&self, _bytes: u64) -> Result<()> {
@@ -104,9 +99,6 @@ impl TrainBackend for CpuBackend {
             .sum()
     }
 }
-
-/// Step-arena bytes CUDA reserves beyond the plan (see `TrainBackend::step_arena_slack`).
-pub const CUDA_STEP_ARENA_SLACK: u64 = 8 << 20;
 
 /// The CUDA backend's optimizer: `GpuAdamW` and the device memory one forward/backward needs
 /// (what `PagingPolicy::AboveBytes` compares the free memory with).
@@ -171,11 +163,6 @@ impl TrainBackend for CudaBackend {
     /// bf16 activations (f32 statistics), step buffers from the planned arena.
     fn plan_target(&self) -> (PlanDevice, DeviceDtype, bool) {
         (PlanDevice::Cuda, DeviceDtype::Bf16, false)
-    }
-    /// The per-call id/target uploads and the ops' small temporaries are not in the plan:
-    /// a few (N,) i32 and (N, R) buffers, far below this.
-    fn step_arena_slack(&self) -> u64 {
-        CUDA_STEP_ARENA_SLACK
     }
     fn reserve_step_arena(&self, bytes: u64) -> Result<()> {
         Ok(CudaBackend::reserve_step_arena(self, bytes as usize)?)

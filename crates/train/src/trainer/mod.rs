@@ -39,7 +39,7 @@ mod metrics;
 pub mod plot;
 mod run;
 
-pub use backend::{CudaOptimizer, TrainBackend, CUDA_STEP_ARENA_SLACK};
+pub use backend::{CudaOptimizer, TrainBackend};
 pub use checkpoint::{load_state, resolve_checkpoint, CheckpointState, CHECKPOINT_PREFIX};
 pub use config::{TrainConfig, ALL_LINEAR, DEFAULT_MAX_SEQ_LEN};
 pub use error::{NonFinite, Result, TrainerError};

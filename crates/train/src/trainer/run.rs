@@ -123,7 +123,9 @@ fn memory_estimate<B: TrainBackend>(
         paged: config.optim.starts_with("paged_"),
         caching_pool,
     })?;
-    let arena = plan.step_bytes() + be.step_arena_slack();
+    // Exactly the plan: the step's buffers replay the planned offsets (op temporaries come
+    // from the pool, counted in `workspace`).
+    let arena = plan.step_bytes();
     Ok(MemoryEstimate {
         base: plan.base_bytes() as usize,
         adapter: plan.adapter_bytes() as usize,
