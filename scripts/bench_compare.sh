@@ -2,7 +2,7 @@
 # `qlora bench` next to the transformers + PEFT + bitsandbytes baseline (scripts/hf_bench.py),
 # same shape, seq, batch, rank, all-linear targets, checkpointing on, on the same GPU, one
 # after the other in separate processes. Prints both side by side with the ratio, and writes
-# every raw output to $OUT (the device tool's return folder) or gpu/logs.
+# every raw output to $QLORA_GPU_LOG, else $OUT (the device tool's return folder), else gpu/logs.
 #
 # On the GPU machine, from the repo root, with gpu-bench/ carried (`gpu_suite.sh build-bench`):
 #   bash scripts/bench_compare.sh [--shape llama3-8b] [--seq-lens "2048 4096"] \
@@ -31,7 +31,7 @@ done
 
 QLORA="${QLORA:-gpu/qlora}"
 PYTHON="${PYTHON:-python3}"
-LOG="${OUT:-gpu/logs}"
+LOG="${QLORA_GPU_LOG:-${OUT:-gpu/logs}}"
 mkdir -p "$LOG"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export QLORA_CUDA_INCLUDE="${QLORA_CUDA_INCLUDE:-/usr/local/cuda/include}"

@@ -23,6 +23,8 @@
 #       libraries for other CUDA and ROCm versions; 4 MiB remain). Prints the total size.
 #   There, with carry ["gpu-bench"] (or ["gpu", "gpu-bench"]: both fit one call's 64 MiB):
 #       bash scripts/gpu_suite.sh bench [bench_compare args]
+#   `all` (carry ["gpu", "gpu-bench"]): `run`, then `bench` at T 2048, then ncu over the quick
+#       linear bench, within one device call; logs → $OUT/gpu-logs.tgz + $OUT/summary.txt.
 #   `bench` runs llama3-8b at T 2048 and 4096 (B 1, r 16, all linear, checkpointing) for both
 #   and prints them side by side; raw outputs land in $OUT.
 set -euo pipefail
@@ -77,7 +79,7 @@ for l in sys.stdin:
 run)
     # Runs from the repo root on the device machine.
     cd "$(pwd)"
-    LOG="${OUT:-gpu/logs}"
+    LOG="${QLORA_GPU_LOG:-${OUT:-gpu/logs}}"
     mkdir -p "$LOG"
     export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
     export QLORA_CUDA_INCLUDE="${QLORA_CUDA_INCLUDE:-/usr/local/cuda/include}"
@@ -133,9 +135,62 @@ bench)
     # On the device machine: qlora vs transformers + PEFT + bitsandbytes, side by side.
     cd "$(pwd)"
     shift
-    mkdir -p "${OUT:-gpu/logs}"
-    nvidia-smi 2>&1 | tee "${OUT:-gpu/logs}/nvidia-smi-bench.log" || true
+    LOG="${QLORA_GPU_LOG:-${OUT:-gpu/logs}}"
+    mkdir -p "$LOG"
+    nvidia-smi 2>&1 | tee "$LOG/nvidia-smi-bench.log" || true
     QLORA="$(pwd)/gpu-bench/bin/qlora" exec bash scripts/bench_compare.sh "$@"
+    ;;
+all)
+    # On the device machine, carry ["gpu", "gpu-bench"]: everything one GPU session needs, in
+    # one call under the device tool's 10-minute limit: the GPU tests and the linear/adamw
+    # benches (`run`), the side-by-side at T 2048 (`bench`), then an ncu pass over the quick
+    # linear bench while time remains. Each part gets what is left of a ${QLORA_GPU_BUDGET:-560} s
+    # budget. The device tool returns at most 8 files from $OUT: every log goes into
+    # $OUT/gpu-logs.tgz, and $OUT/summary.txt holds what to read first (also printed).
+    cd "$(pwd)"
+    start=$(date +%s)
+    budget="${QLORA_GPU_BUDGET:-560}"
+    left() { echo $((budget - ($(date +%s) - start))); }
+    export QLORA_GPU_LOG=/tmp/qlora-gpu-logs
+    rm -rf "$QLORA_GPU_LOG"
+    mkdir -p "$QLORA_GPU_LOG"
+    summary="$QLORA_GPU_LOG/summary.txt"
+    part() {  # part NAME SHARE_OF_WHAT_IS_LEFT(%) CMD...
+        local name="$1" share="$2"
+        shift 2
+        local t=$(($(left) * share / 100))
+        if ((t < 20)); then
+            echo "=== $name: skipped, $(left) s left" | tee -a "$summary"
+            return
+        fi
+        local s0=$(date +%s) rc=0
+        timeout "$t" "$@" >"$QLORA_GPU_LOG/$name.out" 2>&1 || rc=$?
+        echo "=== $name: rc $rc after $(($(date +%s) - s0)) s (limit $t s)" | tee -a "$summary"
+    }
+    QLORA_GPU_TEST_TIMEOUT=120 part suite 55 bash gpu/gpu_suite.sh run
+    part compare 80 bash scripts/gpu_suite.sh bench --seq-lens 2048 --steps 3
+    if command -v ncu >/dev/null; then
+        QLORA_BENCH_QUICK=1 part ncu 90 ncu --kernel-name regex:qlr_ --launch-count 24 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+            --section LaunchStats gpu/bench-linear
+    else
+        echo "=== ncu: not installed" | tee -a "$summary"
+    fi
+    {
+        echo "--- tests"
+        grep -hE "^=== |^test result|^test .*FAILED|panicked at" "$QLORA_GPU_LOG/suite.out" || true
+        echo "--- worst elements"
+        grep -hE "worst element" "$QLORA_GPU_LOG"/test-*.log | sort -t= -k2 | tail -15 || true
+        echo "--- benches"
+        grep -hE "^\||^#|^adamw|GPU" "$QLORA_GPU_LOG"/bench-linear.log "$QLORA_GPU_LOG"/bench-adamw.log || true
+        echo "--- side by side"
+        cat "$QLORA_GPU_LOG"/compare-*.txt 2>/dev/null || true
+    } >>"$summary"
+    if [[ -n "${OUT:-}" ]]; then
+        tar czf "$OUT/gpu-logs.tgz" -C "$QLORA_GPU_LOG" .
+        cp "$summary" "$OUT/summary.txt"
+    fi
+    cat "$summary"
     ;;
 local)
     bash "$ROOT/scripts/gpu_suite.sh" build "$ROOT/gpu"
@@ -143,7 +198,7 @@ local)
     exec bash "$ROOT/scripts/gpu_suite.sh" run
     ;;
 *)
-    echo "usage: $0 [build [DEST] | run | build-bench | bench [ARGS]]" >&2
+    echo "usage: $0 [build [DEST] | run | build-bench | bench [ARGS] | all]" >&2
     exit 2
     ;;
 esac

@@ -40,7 +40,9 @@ fn check(what: &str, got: &[f32], want: &[f32], atol: impl Fn(usize) -> f64, rto
     let (mut worst, mut at) = (0f64, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let budget = atol(i) + rtol * (w as f64).abs();
-        let used = (g as f64 - w as f64).abs() / budget;
+        // A zero budget asks for equality (0/0 would be NaN and pass every comparison).
+        let diff = (g as f64 - w as f64).abs();
+        let used = if diff == 0.0 { 0.0 } else { diff / budget };
         assert!(
             used <= 1.0,
             "{what}[{i}]: got {g:e}, reference {w:e}, {:.0}% of the budget",
@@ -357,5 +359,80 @@ fn nf4_lora_linear_fwd_bwd_f32() {
         gb,
         |_| bound(m * k, mag(gb) * m as f64),
         1e-5,
+    );
+}
+
+/// The f32 instantiations of `cuda/elementwise.cu` (the bf16 backend launches only the bf16
+/// ones and the f32 ← bf16 cast): the bf16 → f32 cast, LoRA dropout forward and backward
+/// against the CPU backend's mask (`cpu::dropout_scale`), and the bias add. Odd lengths reach
+/// the grid-stride tails.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn elementwise_f32() {
+    use half::bf16;
+    use qlora_cuda::ops::elementwise;
+    use qlora_train::cpu::dropout_scale;
+    let dev = dev();
+    let n = 10_007;
+    // Cast bf16 → f32: exact.
+    let xb: Vec<bf16> = values(n, 11, 3.0)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let xbd = dev.upload(&xb, "x bf16").unwrap();
+    let mut yd = dev.zeros::<f32>(n, "y").unwrap();
+    elementwise::cast(&dev, &mut yd.view_mut(), &xbd.view(), None).unwrap();
+    let want: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+    check(
+        "cast bf16→f32",
+        &dev.download(&yd.view()).unwrap(),
+        &want,
+        |_| 0.0,
+        0.0,
+    );
+
+    // Dropout forward: x · m(i), one f32 product, the same on both sides: exact.
+    let (seed, p) = (0x5EED_u64, 0.1);
+    let x = values(n, 12, 2.0);
+    let xd = dev.upload(&x, "x").unwrap();
+    elementwise::dropout_fwd(&dev, &mut yd.view_mut(), &xd.view(), seed, p, None).unwrap();
+    let m: Vec<f32> = (0..n).map(|i| dropout_scale::<f32>(seed, i, p)).collect();
+    let want: Vec<f32> = x.iter().zip(&m).map(|(x, m)| x * m).collect();
+    let got = dev.download(&yd.view()).unwrap();
+    check("dropout_fwd f32", &got, &want, |_| 0.0, 0.0);
+    let dropped = m.iter().filter(|&&m| m == 0.0).count();
+    assert!(
+        dropped > 0 && dropped < n / 5,
+        "{dropped} of {n} dropped at p {p}"
+    );
+
+    // Dropout backward into y: y + t·m, which the GPU may contract into one fma: one rounding
+    // of |t·m| more than the CPU's two-step sum at most.
+    let (y0, t) = (values(n, 13, 1.0), values(n, 14, 1.0));
+    let mut y0d = dev.upload(&y0, "y0").unwrap();
+    let td = dev.upload(&t, "t").unwrap();
+    elementwise::dropout_bwd_acc(&dev, &mut y0d.view_mut(), &td.view(), seed, p, None).unwrap();
+    let want: Vec<f32> = (0..n).map(|i| y0[i] + t[i] * m[i]).collect();
+    check(
+        "dropout_bwd_acc f32",
+        &dev.download(&y0d.view()).unwrap(),
+        &want,
+        |i| U * (t[i] * m[i]).abs() as f64,
+        U,
+    );
+
+    // Bias over rows: one f32 add each: exact.
+    let (rows, c) = (37, 129);
+    let (y, b) = (values(rows * c, 15, 1.0), values(c, 16, 0.5));
+    let mut ybd = dev.upload(&y, "y").unwrap();
+    let bd = dev.upload(&b, "b").unwrap();
+    elementwise::bias_fwd(&dev, &mut ybd.view_mut(), &bd.view(), rows, None).unwrap();
+    let want: Vec<f32> = (0..rows * c).map(|i| y[i] + b[i % c]).collect();
+    check(
+        "bias_fwd f32",
+        &dev.download(&ybd.view()).unwrap(),
+        &want,
+        |_| 0.0,
+        0.0,
     );
 }

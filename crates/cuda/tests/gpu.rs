@@ -374,7 +374,9 @@ fn lora_ref(x: &[f64], a: &[f64], b: &[f64], dy: &[f64], c: &LinCase, s: f64) ->
     [us, vs]
 }
 
-fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
+/// `acc_dx`: the backward adds into a `dx` that already holds values (`qlr_linear_bwd_acc_*`
+/// and cuBLASLt with beta 1) instead of overwriting it.
+fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, acc_dx: bool, seed: u64) {
     let mut rng = Rng(seed);
     let (m, k, n, r) = (c.m, c.k, c.n, c.r);
     let s = 2.0f32; // alpha/r = 32/16
@@ -402,6 +404,12 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
         rounded::<T>(&dy32),
     );
     let [us_ref, vs_ref] = lora_ref(&x, &a, &b, &dy, c, s as f64);
+    let dx0_32 = if acc_dx {
+        rng.vec(m * k, 1.0)
+    } else {
+        vec![0.0; m * k]
+    };
+    let dx0 = rounded::<T>(&dx0_32);
 
     let w = nf4::Nf4Weight::upload(d, &wq, "w").unwrap();
     let xd = d.upload(&to_t::<T>(&x32), "x").unwrap();
@@ -411,7 +419,11 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
     let mut y = d.alloc::<T>(m * n, "y").unwrap();
     let mut us = d.alloc::<T>(m * r, "us").unwrap();
     let mut vs = d.alloc::<T>(m * r, "vs").unwrap();
-    let mut dx = d.alloc::<T>(m * k, "dx").unwrap();
+    let mut dx = if acc_dx {
+        d.upload(&to_t::<T>(&dx0_32), "dx").unwrap()
+    } else {
+        d.alloc::<T>(m * k, "dx").unwrap()
+    };
     let mut da = d.zeros::<f32>(r * k, "da").unwrap();
     let mut db = d.zeros::<f32>(n * r, "db").unwrap();
     let dims = linear::LinearDims {
@@ -448,7 +460,7 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
             &ad.view(),
             &bd.view(),
             dims,
-            false,
+            acc_dx,
             None,
         )
         .unwrap();
@@ -481,13 +493,14 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
             &ad.view(),
             &bd.view(),
             dims,
-            false,
+            acc_dx,
         )
         .unwrap();
     }
     let tag = format!(
-        "linear {} {} m{m} k{k} n{n} r{r}",
+        "linear {}{} {} m{m} k{k} n{n} r{r}",
         if fused { "fused" } else { "dequant+blas" },
+        if acc_dx { " acc_dx" } else { "" },
         T::SUFFIX
     );
     // us, vs: one f32 dot product then one rounding to T: |err| ≤ U_T·|ref| + 2·K·u32·S·Σ|x·a|
@@ -562,14 +575,14 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
         &y_ref,
         &bound,
     );
-    // dx = dy·W + vs·A, same bound with K' = N + R.
+    // dx = dx0 + dy·W + vs·A (dx0 = 0 unless acc_dx), same bound with K' = N + R + 1.
     let mut dx_ref = vec![0.0; m * k];
     let mut dx_abs = vec![0.0; m * k];
     let mut dx_base = vec![0.0; m * k];
     for i in 0..m {
         for j in 0..k {
-            let mut acc = 0.0;
-            let mut aa = 0.0;
+            let mut acc = dx0[i * k + j];
+            let mut aa = dx0[i * k + j].abs();
             for q in 0..n {
                 acc += dy[i * n + q] * wv[q * k + j];
                 aa += (dy[i * n + q] * wv[q * k + j]).abs();
@@ -586,7 +599,9 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, seed: u64) {
     }
     let bound: Vec<f64> = (0..m * k)
         .map(|i| {
-            T::U * dx_ref[i].abs() + twice * dx_base[i].abs() + (n + r) as f64 * U_F32 * dx_abs[i]
+            T::U * dx_ref[i].abs()
+                + twice * dx_base[i].abs()
+                + (n + r + 1) as f64 * U_F32 * dx_abs[i]
         })
         .collect();
     check(
@@ -687,7 +702,11 @@ const LIN_CASES: [LinCase; 4] = [
 fn parity_linear_fused_f32() {
     let d = dev();
     for (i, c) in LIN_CASES.iter().enumerate() {
-        run_linear::<f32>(&d, c, true, 11 + i as u64);
+        run_linear::<f32>(&d, c, true, false, 11 + i as u64);
+    }
+    // Accumulating into dx: a tiled case and a scalar-fallback case.
+    for i in [1, 3] {
+        run_linear::<f32>(&d, &LIN_CASES[i], true, true, 11 + 50 + i as u64);
     }
 }
 #[test]
@@ -695,7 +714,11 @@ fn parity_linear_fused_f32() {
 fn parity_linear_fused_bf16() {
     let d = dev();
     for (i, c) in LIN_CASES.iter().enumerate() {
-        run_linear::<bf16>(&d, c, true, 21 + i as u64);
+        run_linear::<bf16>(&d, c, true, false, 21 + i as u64);
+    }
+    // Accumulating into dx: a tiled case and a scalar-fallback case.
+    for i in [1, 3] {
+        run_linear::<bf16>(&d, &LIN_CASES[i], true, true, 21 + 50 + i as u64);
     }
 }
 #[test]
@@ -703,7 +726,11 @@ fn parity_linear_fused_bf16() {
 fn parity_linear_dequant_blas_f32() {
     let d = dev();
     for (i, c) in LIN_CASES.iter().enumerate() {
-        run_linear::<f32>(&d, c, false, 31 + i as u64);
+        run_linear::<f32>(&d, c, false, false, 31 + i as u64);
+    }
+    // Accumulating into dx: a tiled case and a scalar-fallback case.
+    for i in [1, 3] {
+        run_linear::<f32>(&d, &LIN_CASES[i], false, true, 31 + 50 + i as u64);
     }
 }
 #[test]
@@ -711,7 +738,11 @@ fn parity_linear_dequant_blas_f32() {
 fn parity_linear_dequant_blas_bf16() {
     let d = dev();
     for (i, c) in LIN_CASES.iter().enumerate() {
-        run_linear::<bf16>(&d, c, false, 41 + i as u64);
+        run_linear::<bf16>(&d, c, false, false, 41 + i as u64);
+    }
+    // Accumulating into dx: a tiled case and a scalar-fallback case.
+    for i in [1, 3] {
+        run_linear::<bf16>(&d, &LIN_CASES[i], false, true, 41 + 50 + i as u64);
     }
 }
 

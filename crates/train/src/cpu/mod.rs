@@ -474,9 +474,10 @@ pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Dropout multiplier of element `i`: 0 with probability p, else 1/(1-p).
+/// Dropout multiplier of element `i`: 0 with probability p, else 1/(1-p). The reference of
+/// `cuda/elementwise.cu`'s mask (the GPU drops the same elements).
 #[inline]
-pub(crate) fn dropout_scale<T: Real>(seed: u64, i: usize, p: f64) -> T {
+pub fn dropout_scale<T: Real>(seed: u64, i: usize, p: f64) -> T {
     let u = (splitmix64(seed ^ splitmix64(i as u64)) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
     if u < p {
         T::zero()
