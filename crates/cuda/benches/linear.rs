@@ -56,155 +56,229 @@ fn rand_bf16(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
         .collect()
 }
 
+/// One weight of a benchmarked shape: NF4 on the device, its bf16 dequantization (the plain
+/// cuBLASLt baseline), the dequantize path's scratch and random LoRA factors.
+struct Weight {
+    k: usize,
+    n: usize,
+    w: nf4::Nf4Weight,
+    plain: qlora_cuda::Buf<bf16>,
+    scratch: qlora_cuda::Buf<bf16>,
+    a: qlora_cuda::Buf<bf16>,
+    b: qlora_cuda::Buf<bf16>,
+}
+
+fn weight(dev: &Device, k: usize, n: usize) -> Result<Weight> {
+    let w32: Vec<f32> = rand_bf16(n * k, 7, 0.05)
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let wq = Nf4Tensor::quantize("w", &w32, &[n, k], 64, true, Dtype::BF16).map_err(|e| {
+        qlora_cuda::CudaError::BadArg {
+            op: "bench".into(),
+            arg: "w".into(),
+            msg: e.to_string(),
+        }
+    })?;
+    drop(w32);
+    let w = nf4::Nf4Weight::upload(dev, &wq, "w")?;
+    let mut plain = dev.alloc::<bf16>(n * k, "plain w")?;
+    nf4::dequant_fwd(dev, &mut plain.view_mut(), &w, None)?;
+    Ok(Weight {
+        k,
+        n,
+        w,
+        plain,
+        scratch: dev.alloc::<bf16>(n * k, "scratch")?,
+        a: dev.upload(&rand_bf16(R * k, 3, 0.05), "a")?,
+        b: dev.upload(&rand_bf16(n * R, 5, 0.05), "b")?,
+    })
+}
+
+/// Median µs at M rows of: fused fwd, dequant+cuBLASLt fwd, plain bf16 cuBLASLt fwd, and the
+/// same three backward.
+fn time_linear(dev: &Device, wt: &mut Weight, m: usize) -> Result<[f64; 6]> {
+    let (k, n) = (wt.k, wt.n);
+    let Weight {
+        w,
+        plain,
+        scratch,
+        a,
+        b,
+        ..
+    } = wt;
+    let x = dev.upload(&rand_bf16(m * k, 11, 1.0), "x")?;
+    let dy = dev.upload(&rand_bf16(m * n, 13, 1.0), "dy")?;
+    let mut y = dev.alloc::<bf16>(m * n, "y")?;
+    let mut us = dev.alloc::<bf16>(m * R, "us")?;
+    let mut vs = dev.alloc::<bf16>(m * R, "vs")?;
+    let mut dx = dev.alloc::<bf16>(m * k, "dx")?;
+    let mut da = dev.zeros::<f32>(R * k, "da")?;
+    let mut db = dev.zeros::<f32>(n * R, "db")?;
+    let d = linear::LinearDims {
+        m,
+        k,
+        n,
+        r: R,
+        scale: 2.0,
+    };
+    let flops = 2.0 * (m * n * k) as f64;
+    let iters = if flops > 1e11 { 5 } else { 20 };
+    let f_fwd = time_us(dev, 2, iters, || {
+        linear::fwd(
+            dev,
+            &mut y.view_mut(),
+            &mut us.view_mut(),
+            &x.view(),
+            &x.view(),
+            w,
+            &a.view(),
+            &b.view(),
+            d,
+            None,
+        )
+    })?;
+    let q_fwd = time_us(dev, 2, iters, || {
+        linear::fwd_dequant_blas(
+            dev,
+            &mut y.view_mut(),
+            &mut us.view_mut(),
+            &mut scratch.view_mut(),
+            &x.view(),
+            &x.view(),
+            w,
+            &a.view(),
+            &b.view(),
+            d,
+        )
+    })?;
+    let p_fwd = time_us(dev, 2, iters, || {
+        dev.with_blas(|bl| {
+            bl.gemm(
+                dev,
+                &mut y.view_mut(),
+                &x.view(),
+                &plain.view(),
+                GemmShape {
+                    m,
+                    n,
+                    k,
+                    a_trans: false,
+                    b_trans: true,
+                },
+                1.0,
+                0.0,
+            )
+        })
+    })?;
+    let f_bwd = time_us(dev, 2, iters, || {
+        linear::bwd(
+            dev,
+            &mut dx.view_mut(),
+            &mut da.view_mut(),
+            &mut db.view_mut(),
+            &mut vs.view_mut(),
+            &dy.view(),
+            &x.view(),
+            &us.view(),
+            w,
+            &a.view(),
+            &b.view(),
+            d,
+            false,
+            None,
+        )
+    })?;
+    let q_bwd = time_us(dev, 2, iters, || {
+        linear::bwd_dequant_blas(
+            dev,
+            &mut dx.view_mut(),
+            &mut da.view_mut(),
+            &mut db.view_mut(),
+            &mut vs.view_mut(),
+            &mut scratch.view_mut(),
+            &dy.view(),
+            &x.view(),
+            &us.view(),
+            w,
+            &a.view(),
+            &b.view(),
+            d,
+            false,
+        )
+    })?;
+    let p_bwd = time_us(dev, 2, iters, || {
+        dev.with_blas(|bl| {
+            bl.gemm(
+                dev,
+                &mut dx.view_mut(),
+                &dy.view(),
+                &plain.view(),
+                GemmShape {
+                    m,
+                    n: k,
+                    k: n,
+                    a_trans: false,
+                    b_trans: false,
+                },
+                1.0,
+                0.0,
+            )
+        })
+    })?;
+    Ok([f_fwd, q_fwd, p_fwd, f_bwd, q_bwd, p_bwd])
+}
+
 fn bench_linear(dev: &Device, shapes: &[(usize, usize, &str)], ms: &[usize]) -> Result<()> {
     println!("\n## NF4+LoRA linear, r {R}, bf16 (µs, TFLOP/s of the base GEMM)");
     println!("| shape | M | dir | fused µs | fused TF/s | deq+Lt µs | deq+Lt TF/s | bf16 Lt µs | bf16 Lt TF/s | fused/bf16 | deq/fused |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &(k, n, name) in shapes {
-        let w32: Vec<f32> = rand_bf16(n * k, 7, 0.05)
-            .iter()
-            .map(|v| v.to_f32())
-            .collect();
-        let wq = Nf4Tensor::quantize("w", &w32, &[n, k], 64, true, Dtype::BF16).map_err(|e| {
-            qlora_cuda::CudaError::BadArg {
-                op: "bench".into(),
-                arg: "w".into(),
-                msg: e.to_string(),
-            }
-        })?;
-        drop(w32);
-        let w = nf4::Nf4Weight::upload(dev, &wq, "w")?;
-        let mut plain = dev.alloc::<bf16>(n * k, "plain w")?;
-        nf4::dequant_fwd(dev, &mut plain.view_mut(), &w, None)?;
-        let mut scratch = dev.alloc::<bf16>(n * k, "scratch")?;
-        let a = dev.upload(&rand_bf16(R * k, 3, 0.05), "a")?;
-        let b = dev.upload(&rand_bf16(n * R, 5, 0.05), "b")?;
+        let mut wt = weight(dev, k, n)?;
         for &m in ms {
-            let x = dev.upload(&rand_bf16(m * k, 11, 1.0), "x")?;
-            let dy = dev.upload(&rand_bf16(m * n, 13, 1.0), "dy")?;
-            let mut y = dev.alloc::<bf16>(m * n, "y")?;
-            let mut us = dev.alloc::<bf16>(m * R, "us")?;
-            let mut vs = dev.alloc::<bf16>(m * R, "vs")?;
-            let mut dx = dev.alloc::<bf16>(m * k, "dx")?;
-            let mut da = dev.zeros::<f32>(R * k, "da")?;
-            let mut db = dev.zeros::<f32>(n * R, "db")?;
-            let d = linear::LinearDims {
-                m,
-                k,
-                n,
-                r: R,
-                scale: 2.0,
-            };
+            let [f_fwd, q_fwd, p_fwd, f_bwd, q_bwd, p_bwd] = time_linear(dev, &mut wt, m)?;
             let flops = 2.0 * (m * n * k) as f64;
-            let iters = if flops > 1e11 { 5 } else { 20 };
-            let f_fwd = time_us(dev, 2, iters, || {
-                linear::fwd(
-                    dev,
-                    &mut y.view_mut(),
-                    &mut us.view_mut(),
-                    &x.view(),
-                    &x.view(),
-                    &w,
-                    &a.view(),
-                    &b.view(),
-                    d,
-                    None,
-                )
-            })?;
-            let q_fwd = time_us(dev, 2, iters, || {
-                linear::fwd_dequant_blas(
-                    dev,
-                    &mut y.view_mut(),
-                    &mut us.view_mut(),
-                    &mut scratch.view_mut(),
-                    &x.view(),
-                    &x.view(),
-                    &w,
-                    &a.view(),
-                    &b.view(),
-                    d,
-                )
-            })?;
-            let p_fwd = time_us(dev, 2, iters, || {
-                dev.with_blas(|bl| {
-                    bl.gemm(
-                        dev,
-                        &mut y.view_mut(),
-                        &x.view(),
-                        &plain.view(),
-                        GemmShape {
-                            m,
-                            n,
-                            k,
-                            a_trans: false,
-                            b_trans: true,
-                        },
-                        1.0,
-                        0.0,
-                    )
-                })
-            })?;
-            let f_bwd = time_us(dev, 2, iters, || {
-                linear::bwd(
-                    dev,
-                    &mut dx.view_mut(),
-                    &mut da.view_mut(),
-                    &mut db.view_mut(),
-                    &mut vs.view_mut(),
-                    &dy.view(),
-                    &x.view(),
-                    &us.view(),
-                    &w,
-                    &a.view(),
-                    &b.view(),
-                    d,
-                    false,
-                    None,
-                )
-            })?;
-            let q_bwd = time_us(dev, 2, iters, || {
-                linear::bwd_dequant_blas(
-                    dev,
-                    &mut dx.view_mut(),
-                    &mut da.view_mut(),
-                    &mut db.view_mut(),
-                    &mut vs.view_mut(),
-                    &mut scratch.view_mut(),
-                    &dy.view(),
-                    &x.view(),
-                    &us.view(),
-                    &w,
-                    &a.view(),
-                    &b.view(),
-                    d,
-                    false,
-                )
-            })?;
-            let p_bwd = time_us(dev, 2, iters, || {
-                dev.with_blas(|bl| {
-                    bl.gemm(
-                        dev,
-                        &mut dx.view_mut(),
-                        &dy.view(),
-                        &plain.view(),
-                        GemmShape {
-                            m,
-                            n: k,
-                            k: n,
-                            a_trans: false,
-                            b_trans: false,
-                        },
-                        1.0,
-                        0.0,
-                    )
-                })
-            })?;
             for (dir, f, q, p) in [("fwd", f_fwd, q_fwd, p_fwd), ("bwd", f_bwd, q_bwd, p_bwd)] {
                 let tf = |us: f64| flops / us / 1e6;
                 println!("| {name} | {m} | {dir} | {f:.1} | {:.1} | {q:.1} | {:.1} | {p:.1} | {:.1} | {:.2} | {:.2} |", tf(f), tf(q), tf(p), p / f, q / f);
             }
         }
     }
+    Ok(())
+}
+
+/// The dispatcher's crossover, measured (`ops::linear::Dispatch`, `QLORA_LINEAR_CROSSOVER`):
+/// per shape, the largest M at which the fused kernel's forward + backward is still faster
+/// than dequantize + cuBLASLt, over a grid around bitsandbytes' 32–64.
+fn bench_crossover(dev: &Device, shapes: &[(usize, usize, &str)]) -> Result<()> {
+    const GRID: [usize; 10] = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
+    println!("\n## Fused vs dequantize + cuBLASLt crossover, fwd + bwd µs (r {R}, bf16)");
+    println!("| shape | M: fused / deq+Lt … | fused faster up to M |");
+    println!("|---|---|---|");
+    let mut all = Vec::new();
+    for &(k, n, name) in shapes {
+        let mut wt = weight(dev, k, n)?;
+        let mut cells = Vec::new();
+        // The end of the grid's prefix on which fused wins (0: dequantize wins from M 8).
+        let (mut crossover, mut fused_wins) = (0, true);
+        for m in GRID {
+            let t = time_linear(dev, &mut wt, m)?;
+            let (fused, deq) = (t[0] + t[3], t[1] + t[4]);
+            cells.push(format!("{m}: {fused:.0}/{deq:.0}"));
+            fused_wins &= fused <= deq;
+            if fused_wins {
+                crossover = m;
+            }
+        }
+        all.push(crossover);
+        println!("| {name} | {} | {crossover} |", cells.join(", "));
+    }
+    let min = all.iter().copied().min().unwrap_or(0);
+    println!(
+        "dispatch: fused up to M {min} on every shape (Dispatch::default() uses {}; \
+         QLORA_LINEAR_CROSSOVER={min} sets it)",
+        linear::Dispatch::default().crossover_m
+    );
     Ok(())
 }
 
@@ -360,6 +434,7 @@ fn main() {
     let run = || -> Result<()> {
         bench_dequant(&dev)?;
         bench_linear(&dev, shapes, ms)?;
+        bench_crossover(&dev, shapes)?;
         bench_attention(&dev)
     };
     if let Err(e) = run() {
