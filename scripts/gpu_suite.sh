@@ -54,23 +54,21 @@ for l in sys.stdin:
         cp "$exe" "$DEST/test-$name"
         strip "$DEST/test-$name" 2>/dev/null || true
     done
-    bench="$(cargo bench -p qlora-cuda --bench linear --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import sys, json
+    # bench_exe PACKAGE BENCH: the release bench binary → $DEST/bench-BENCH, stripped.
+    bench_exe() {
+        local exe
+        exe="$(cargo bench -p "$1" --bench "$2" --no-run --message-format=json 2>/dev/null |
+            python3 -c 'import sys, json
 for l in sys.stdin:
     try: m = json.loads(l)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)"
-    cp "$bench" "$DEST/bench-linear"
-    strip "$DEST/bench-linear" 2>/dev/null || true
+        cp "$exe" "$DEST/bench-$2"
+        strip "$DEST/bench-$2" 2>/dev/null || true
+    }
+    bench_exe qlora-cuda linear
     # The optimizer bench (issue 6): CPU rows always, GPU rows where Device::open succeeds.
-    bench="$(cargo bench -p qlora-optim --bench adamw --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import sys, json
-for l in sys.stdin:
-    try: m = json.loads(l)
-    except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)"
-    cp "$bench" "$DEST/bench-adamw"
-    strip "$DEST/bench-adamw" 2>/dev/null || true
+    bench_exe qlora-optim adamw
     cp "$ROOT/scripts/gpu_suite.sh" "$DEST/gpu_suite.sh"
     du -sh "$DEST"
     ls -la "$DEST"

@@ -17,6 +17,18 @@ fn cuda() -> CudaBackend {
     CudaBackend::new().expect("a CUDA device (this test runs only with --ignored)")
 }
 
+/// The synthetic model of these tests (C 256, I 704, 2 layers, 4 heads / 2 kv, V 4096) and
+/// LoRA rank `r` (alpha 2r) on all seven projections.
+fn small_model(r: usize) -> (ModelConfig, LoraConfig) {
+    let lora = LoraConfig {
+        r,
+        lora_alpha: 2.0 * r as f64,
+        target_modules: TargetModules::AllLinear,
+        ..LoraConfig::default()
+    };
+    (ModelConfig::synthetic_llama(256, 704, 2, 4, 2, 4096), lora)
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_layout_matches_the_cuda_backend() {
@@ -49,13 +61,7 @@ fn cuda_layout_matches_the_cuda_backend() {
 #[ignore = "needs a CUDA device"]
 fn a_real_step_holds_at_least_the_planned_live_peak() {
     let be = cuda();
-    let config = ModelConfig::synthetic_llama(256, 704, 2, 4, 2, 4096);
-    let lora = LoraConfig {
-        r: 16,
-        lora_alpha: 32.0,
-        target_modules: TargetModules::AllLinear,
-        ..LoraConfig::default()
-    };
+    let (config, lora) = small_model(16);
     let (b, t) = (2, 128);
     let model = bench::random_model(&be, &config, 1).unwrap();
     let mut adapter = bench::random_adapter(&be, &config, &lora, 2).unwrap();
@@ -120,13 +126,7 @@ fn a_real_step_holds_at_least_the_planned_live_peak() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn the_planned_arena_holds_every_step_buffer() {
-    let config = ModelConfig::synthetic_llama(256, 704, 2, 4, 2, 4096);
-    let lora = LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        target_modules: TargetModules::AllLinear,
-        ..LoraConfig::default()
-    };
+    let (config, lora) = small_model(8);
     let (b, t) = (2, 96);
     let layout = AdapterLayout::new(&lora, &config).unwrap();
     let report = plan::plan_step_arena(
@@ -219,7 +219,8 @@ fn the_planned_arena_holds_every_step_buffer() {
 /// baseline just after the context was made) is the plan's total without its stated CUDA
 /// context. Under the CPU emulator (no context, no lazily loaded kernel images) the two are
 /// equal to the byte; on a GPU the driver's own lazy allocations (module images, cuBLASLt
-/// internals) add to the measured side, so the 5 % is the bound there.
+/// internals) add to the measured side, so the 5 % is the bound there. Device memory is
+/// per process: run with `--test-threads=1` (as the GPU lanes do), or other tests' buffers count.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn the_plan_total_is_what_a_real_step_holds_on_the_device() {
@@ -232,13 +233,7 @@ fn the_plan_total_is_what_a_real_step_holds_on_the_device() {
         (total - free) as u64
     };
     let used0 = used(&be);
-    let config = ModelConfig::synthetic_llama(256, 704, 2, 4, 2, 4096);
-    let lora = LoraConfig {
-        r: 16,
-        lora_alpha: 32.0,
-        target_modules: TargetModules::AllLinear,
-        ..LoraConfig::default()
-    };
+    let (config, lora) = small_model(16);
     let (b, t) = (2, 96);
     let adamw = qlora_train::plan::AdamWConfig::default();
     let p = plan::plan(&PlanRequest {
