@@ -31,8 +31,9 @@
 //! allocation whose blocks are placed by the same deterministic [`ArenaPlanner`] the planner
 //! ran over the same schedule, so the step's buffers land at the planned offsets and fit by
 //! construction. What the plan did not model (an eval batch of another shape) takes a free gap
-//! or, when none is large enough, the caching pool; those fallbacks are counted ([`CudaBackend::arena_fallbacks`]). Blocks are freed on drop while kernels may still
-//! be queued: every op runs on the one main stream, so reuse is stream-ordered, as with the pool.
+//! or, when none is large enough, the caching pool; those fallbacks are counted
+//! ([`CudaBackend::arena_fallbacks`]). Blocks are freed on drop while kernels may still be
+//! queued: every op runs on the one main stream, so reuse is stream-ordered, as with the pool.
 //!
 //! # Limits (typed errors, never wrong results)
 //! Attention runs without a KV-cache offset (training and full-sequence evaluation: `Tq = Tk`);

@@ -124,9 +124,9 @@ pub struct MemoryPlan {
     /// The optimizer's state arena (`StateLayout::total_bytes`); on CUDA also `GpuAdamW`'s
     /// device tables (`GpuAdamW::table_bytes`: chunk table, dynamic maps, norm partials).
     pub optimizer_state: u64,
-    /// Of which resident during forward/backward (only the tables when paged; the update
-    /// still brings the state in,
-    /// and the step arena stays allocated then, so paging does not lower the peak).
+    /// Of which resident during forward/backward (only the tables when paged; the update still
+    /// brings the state in, and the step arena stays allocated then, so paging does not lower
+    /// the peak).
     pub optimizer_resident_fwd_bwd: u64,
     /// Step arena, bytes live at its peak, by role (see [`Role`]).
     pub activations: u64,
