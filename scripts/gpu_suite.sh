@@ -4,13 +4,14 @@
 #
 #   Here (build machine):   bash scripts/gpu_suite.sh build [DEST]
 #       Builds release test binaries of qlora-cuda, qlora-optim and the top-level suite (GPU vs
-#       CPU-backend parity) and the `linear` bench, copies them stripped
+#       CPU-backend parity) and the `linear` and `adamw` benches, copies them stripped
 #       into DEST (default: <repo>/gpu, ignored by git). The device tool sends the checkout the
 #       session started in: DEST must be inside THAT checkout (e.g. the lead's main repo).
 #   There (device machine, from the repo root, with `carry: ["gpu"]`):
 #       bash scripts/gpu_suite.sh run
-#       Runs every #[ignore]d GPU test one at a time, then the benches; logs go to $OUT
-#       (the device tool's return folder) or gpu/logs.
+#       Runs every #[ignore]d GPU test one at a time, then the benches; one log per binary in
+#       $QLORA_GPU_LOG, $OUT or gpu/logs (more than the 8 files the device tool returns from
+#       $OUT: on the device machine use `all` below, which packs them).
 #   No argument (a machine with both Rust and a GPU, e.g. scripts/test.sh lane C):
 #       bash scripts/gpu_suite.sh      = build into gpu/, then run.
 #
@@ -178,7 +179,9 @@ all)
         echo "--- tests"
         grep -hE "^=== |^test result|^test .*FAILED|panicked at" "$QLORA_GPU_LOG/suite.out" || true
         echo "--- worst elements"
-        grep -hE "worst element" "$QLORA_GPU_LOG"/test-*.log | sort -t= -k2 | tail -15 || true
+        # Highest share of the budget last (numeric: "9.7%" < "89.2%").
+        grep -hE "worst element" "$QLORA_GPU_LOG"/test-*.log |
+            sed -nE 's/.* ([0-9.]+)% of (its )?budget.*/\1\t&/p' | sort -g | cut -f2- | tail -15 || true
         echo "--- benches"
         grep -hE "^\||^#|^adamw|GPU" "$QLORA_GPU_LOG"/bench-linear.log "$QLORA_GPU_LOG"/bench-adamw.log || true
         echo "--- side by side"

@@ -124,8 +124,9 @@ struct Pool {
 
 impl Pool {
     fn take(&self, bytes: usize, what: &str) -> Result<(sys::CUdeviceptr, usize)> {
-        // An empty buffer holds no block (class 0, null pointer: nothing ever reads it); a
-        // 512-byte block per empty buffer would be memory no plan accounts for.
+        // An empty buffer holds no block (class 0, null pointer: the copies and fills of
+        // `Device` skip zero-length views); a 512-byte block per empty buffer would be memory
+        // no plan accounts for.
         if bytes == 0 {
             return Ok((0, 0));
         }
@@ -750,6 +751,10 @@ impl Device {
         Ok(b)
     }
     pub fn memset_zero<T: Elem>(&self, v: &mut ViewMut<'_, T>) -> Result<()> {
+        // Empty buffers hold no pool block (null pointer): nothing to fill, no driver call.
+        if v.len == 0 {
+            return Ok(());
+        }
         self.bind()?;
         // SAFETY: the view is inside a live allocation.
         unsafe {
@@ -776,6 +781,9 @@ impl Device {
                 format!("{} elements into a view of {}", host.len(), dst.len),
             ));
         }
+        if host.is_empty() {
+            return Ok(());
+        }
         self.bind()?;
         self.stream.synchronize()?;
         // SAFETY: sizes checked; synchronous copy.
@@ -786,6 +794,9 @@ impl Device {
         self.bind()?;
         self.stream.synchronize()?;
         let mut out = vec![T::default(); v.len];
+        if out.is_empty() {
+            return Ok(out);
+        }
         // SAFETY: sizes match; synchronous copy.
         unsafe { result::memcpy_dtoh_sync(&mut out, v.ptr) }.map_err(drv("cuMemcpyDtoH"))?;
         Ok(out)
@@ -798,6 +809,9 @@ impl Device {
                 "dst",
                 format!("{} elements into a view of {}", src.len, dst.len),
             ));
+        }
+        if src.len == 0 {
+            return Ok(());
         }
         self.bind()?;
         // SAFETY: both views are live and the same size.
