@@ -26,6 +26,8 @@
 #       bash scripts/gpu_suite.sh bench [bench_compare args]
 #   `all` (carry ["gpu", "gpu-bench"]): `run`, then `bench` at T 2048, then ncu over the quick
 #       linear bench, within one device call; logs → $OUT/gpu-logs.tgz + $OUT/summary.txt.
+#   `sanitize` (carry ["gpu"], a second call): compute-sanitizer memcheck, racecheck, synccheck
+#       and initcheck over the kernel test binaries; logs → $OUT/sanitize.tgz.
 #   `bench` runs llama3-8b at T 2048 and 4096 (B 1, r 16, all linear, checkpointing) for both
 #   and prints them side by side; raw outputs land in $OUT.
 set -euo pipefail
@@ -48,13 +50,22 @@ for l in sys.stdin:
     try: m = json.loads(l)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["target"]["name"] + " " + m["executable"])')
+        # package_id: "path+file:///dir#name@version" ("#version" when name is the dir name).
+        pid = m["package_id"]
+        frag = pid.rsplit("#", 1)[-1]
+        pkg = frag.split("@")[0] if "@" in frag else pid.split("#")[0].rstrip("/").rsplit("/", 1)[-1]
+        print(pkg + "." + m["target"]["name"] + " " + m["executable"])')
     [[ ${#tests[@]} -gt 0 ]] || { echo "gpu_suite: no test binaries built" >&2; exit 1; }
+    # Named package.target: qlora-cuda and qlora-optim both have a tests/gpu.rs, and under the
+    # bare target name one binary overwrote the other (only one of them ever travelled).
+    rm -f "$DEST"/test-*
     for t in "${tests[@]}"; do
         name="${t%% *}"; exe="${t#* }"
         cp "$exe" "$DEST/test-$name"
         strip "$DEST/test-$name" 2>/dev/null || true
     done
+    n=$(find "$DEST" -maxdepth 1 -name 'test-*' | wc -l)
+    [[ $n -eq ${#tests[@]} ]] || { echo "gpu_suite: ${#tests[@]} test binaries but $n files: a name collides" >&2; exit 1; }
     # bench_exe PACKAGE BENCH: the release bench binary → $DEST/bench-BENCH, stripped.
     bench_exe() {
         local exe
@@ -192,6 +203,53 @@ all)
         cp "$summary" "$OUT/summary.txt"
     fi
     cat "$summary"
+    ;;
+sanitize)
+    # On the device machine, carry ["gpu"]: compute-sanitizer over the kernel tests (qlora-cuda's
+    # parity tests, the optimizer's, the top-level f32/bf16 parity). memcheck: out-of-bounds and
+    # misaligned accesses, with QLORA_POOL_EXACT=1 so that every buffer is its own allocation and
+    # memcheck sees its real end; racecheck: shared-memory hazards between threads (what the
+    # emulator's two schedules cannot show on real hardware); synccheck: barrier misuse;
+    # initcheck: reads of device memory never written. Each (tool, binary) pair gets a share of
+    # what is left of ${QLORA_GPU_BUDGET:-560} s. Logs → $OUT/sanitize.tgz, summary printed.
+    cd "$(pwd)"
+    export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+    export QLORA_CUDA_INCLUDE="${QLORA_CUDA_INCLUDE:-/usr/local/cuda/include}"
+    export QLORA_REPO_ROOT="$(pwd)"
+    export QLORA_KERNEL_CACHE="${QLORA_KERNEL_CACHE:-/tmp/qlora-kernels}"
+    export QLORA_POOL_EXACT=1
+    sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+    [[ -x "$sanitizer" ]] || { echo "gpu_suite: compute-sanitizer not found" >&2; exit 1; }
+    LOG=/tmp/qlora-sanitize
+    rm -rf "$LOG"
+    mkdir -p "$LOG"
+    start=$(date +%s)
+    budget="${QLORA_GPU_BUDGET:-560}"
+    bins=(gpu/test-qlora-cuda.gpu gpu/test-qlora-suite.gpu_parity gpu/test-qlora-optim.gpu)
+    tools=(memcheck racecheck synccheck initcheck)
+    runs=$((${#bins[@]} * ${#tools[@]}))
+    for tool in "${tools[@]}"; do
+        for b in "${bins[@]}"; do
+            left=$((budget - ($(date +%s) - start)))
+            t=$((left / runs))
+            runs=$((runs - 1))
+            name="$tool-$(basename "$b")"
+            if ((t < 15)); then
+                echo "=== $name: skipped, $left s left" | tee -a "$LOG/summary.txt"
+                continue
+            fi
+            s0=$(date +%s) rc=0
+            timeout "$t" "$sanitizer" --tool "$tool" --print-limit 20 "$b" --ignored --test-threads=1 \
+                >"$LOG/$name.log" 2>&1 || rc=$?
+            { echo "=== $name: rc $rc after $(($(date +%s) - s0)) s (limit $t s)"
+              grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|^test result" "$LOG/$name.log" || true; } |
+                tee -a "$LOG/summary.txt"
+        done
+    done
+    if [[ -n "${OUT:-}" ]]; then
+        tar czf "$OUT/sanitize.tgz" -C "$LOG" .
+        cp "$LOG/summary.txt" "$OUT/sanitize-summary.txt"
+    fi
     ;;
 local)
     bash "$ROOT/scripts/gpu_suite.sh" build "$ROOT/gpu"

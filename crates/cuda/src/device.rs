@@ -120,6 +120,11 @@ struct PoolInner {
 struct Pool {
     ctx: Arc<CudaContext>,
     inner: Mutex<PoolInner>,
+    /// `QLORA_POOL_EXACT=1`: each block is exactly its buffer's size (no size classes), so
+    /// that an allocation's end is the buffer's end for the checkers that only see driver
+    /// allocations: compute-sanitizer's memcheck on a GPU, the emulator's guard zones
+    /// (cuda/emu/README.md). Costs reuse; for checking runs, not for training.
+    exact: bool,
 }
 
 impl Pool {
@@ -130,7 +135,7 @@ impl Pool {
         if bytes == 0 {
             return Ok((0, 0));
         }
-        let class = pool_class(bytes);
+        let class = if self.exact { bytes } else { pool_class(bytes) };
         {
             let mut p = self.inner.lock().expect("pool lock");
             if let Some(ptr) = p.free.get_mut(&class).and_then(Vec::pop) {
@@ -665,6 +670,7 @@ impl Device {
                 cached_bytes: 0,
                 live_bytes: 0,
             }),
+            exact: std::env::var_os("QLORA_POOL_EXACT").is_some_and(|v| v == "1"),
         });
         Ok(Device {
             ctx,
