@@ -8,13 +8,20 @@
 #                                      the top-level suite against it (--ignored); the cargo
 #                                      profile is the caller's (scripts/test.sh: lane A's build;
 #                                      add --release for speed)
+#   bash scripts/cuda_emu.sh test-reverse [cargo test args...]
+#                                      the kernel tests again with QLR_EMU_SCHEDULE=reverse (blocks
+#                                      and threads run last to first, so a missing barrier reads a
+#                                      stale value in one of the two runs; cuda/emu/README.md), and
+#                                      with QLORA_POOL_EXACT=1 (every buffer its own allocation,
+#                                      so the guard zones sit at each buffer's end)
 #
 # The tests still go through cudarc, NVRTC (the pinned wheel of lane B compiles every kernel for
 # sm_90; cuModuleGetFunction checks the entry is in that cubin) and qlora-cuda's launchers; only
 # the driver underneath is the emulator, which runs the same kernel source on the CPU. What it
 # shows: indexing, barriers, warp collectives, mma fragment layouts and launch geometry are
-# right against the CPU reference. What it cannot show: speed, memory-ordering races, device
-# rounding of expf/rsqrtf. Results are reported as lane E, never as "ran on a GPU".
+# right against the CPU reference; run in both thread orders, a missing barrier shows; guard
+# zones around every allocation catch writes outside it. What it cannot show: speed, races of
+# the weak memory model between barriers, out-of-bounds reads, device rounding of expf/rsqrtf. Results are reported as lane E, never as "ran on a GPU".
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${CARGO_TARGET_DIR:-$ROOT/target}/cuda-emu"
@@ -68,22 +75,19 @@ build() {
     "$CXX" "${CXXFLAGS[@]}" -I"$ROOT/cuda/emu" -I"$ROOT/cuda/emu/include" -shared \
         -o "$OUTDIR/lib/libcuda.so" \
         "$ROOT/cuda/emu/driver.cpp" "$ROOT/cuda/emu/runtime.cpp" "${objs[@]}"
-    "$CXX" "${CXXFLAGS[@]}" -I"$ROOT/cuda/emu" -shared -o "$OUTDIR/lib/libcublasLt.so" "$ROOT/cuda/emu/cublaslt.cpp"
+    "$CXX" "${CXXFLAGS[@]}" -I"$ROOT/cuda/emu" -shared -o "$OUTDIR/lib/libcublasLt.so" "$ROOT/cuda/emu/cublaslt.cpp" -ldl
     # Device::open requires libcublas to be loadable; nothing calls into it (blas.rs uses
     # cuBLASLt only), so an empty library stands for it.
     echo "" | "$CXX" -x c++ -shared -fPIC -o "$OUTDIR/lib/libcublas.so" -
     # The emulator's own checks (barriers, collectives, deadlock and inactive-lane detection).
     "$CXX" "${CXXFLAGS[@]}" -I"$ROOT/cuda/emu" -I"$ROOT/cuda/emu/include" -o "$OUTDIR/selftest" \
-        "$ROOT/cuda/emu/selftest.cpp" "$ROOT/cuda/emu/runtime.cpp"
+        "$ROOT/cuda/emu/selftest.cpp" "$ROOT/cuda/emu/driver.cpp" "$ROOT/cuda/emu/runtime.cpp"
     "$OUTDIR/selftest"
     echo "cuda_emu: built $OUTDIR/lib"
 }
 
-case "${1:-test}" in
-build) build ;;
-test)
-    shift || true
-    build
+# Environment of a test run against the emulator (after build).
+test_env() {
     # NVRTC (lane B's wheel): the kernels are still compiled for sm_90 and the cubins loaded.
     NVRTC_DIR="${QLORA_NVRTC_DIR:-$ROOT/.tools/nvrtc}"
     bash "$ROOT/scripts/install-nvrtc.sh" >/dev/null
@@ -91,12 +95,31 @@ test)
     export LD_LIBRARY_PATH="$OUTDIR/lib:$NVRTC_DIR/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
     export QLORA_KERNEL_CACHE="${QLORA_KERNEL_CACHE:-$OUTDIR/kernel-cache}"
     cd "$ROOT"
+}
+
+case "${1:-test}" in
+build) build ;;
+test)
+    shift || true
+    build
+    test_env
     # Only the GPU tests (as lane C): not the opt-in real-model check nor the 2^31 map check.
     cargo test --no-fail-fast -p qlora-cuda -p qlora-optim -p qlora-suite "$@" -- --ignored --test-threads=1 \
         --skip smollm2_135m_instruct_converts --skip exhaustive_select_form_equals_literal
     ;;
+test-reverse)
+    shift || true
+    build
+    test_env
+    # The tests that launch kernels on data and compare values; plan_gpu (memory accounting,
+    # the longest) is left to the forward run.
+    # Exact-size pool blocks: the guard zones then sit at each buffer's own end.
+    export QLR_EMU_SCHEDULE=reverse QLORA_POOL_EXACT=1
+    cargo test --no-fail-fast -p qlora-cuda -p qlora-optim --test gpu "$@" -- --ignored --test-threads=1
+    cargo test --no-fail-fast -p qlora-suite --test gpu_backend --test gpu_parity "$@" -- --ignored --test-threads=1
+    ;;
 *)
-    echo "usage: $0 build | test [cargo test args]" >&2
+    echo "usage: $0 build | test [cargo test args] | test-reverse [cargo test args]" >&2
     exit 2
     ;;
 esac

@@ -48,8 +48,17 @@ if command -v c++ >/dev/null 2>&1 && [ -e .tools/nvrtc/nvidia/cu13/lib/libnvrtc.
   set -e
   emu_line="lane E (emulated, not a GPU): $(tally "$emu_log" | cut -d, -f1-2)"
   echo "$emu_line"
+  [ "$status" -eq 0 ] || { rm -f "$emu_log"; echo "lane E: FAILED" >&2; exit 1; }
+  # The kernel tests again with blocks and threads scheduled last to first (missing barriers).
+  : >"$emu_log"
+  set +e
+  bash scripts/cuda_emu.sh test-reverse 2>&1 | tee "$emu_log"
+  status=${PIPESTATUS[0]}
+  set -e
+  emu_line="$emu_line; reverse schedule: $(tally "$emu_log" | cut -d, -f1-2)"
+  echo "$emu_line"
   rm -f "$emu_log"
-  [ "$status" -eq 0 ] || { echo "lane E: FAILED" >&2; exit 1; }
+  [ "$status" -eq 0 ] || { echo "lane E (reverse schedule): FAILED" >&2; exit 1; }
 elif [ "${CI:-}" = "true" ]; then
   echo "lane E: FAILED — needs c++ and lane B's NVRTC wheel (required in CI)" >&2
   exit 1

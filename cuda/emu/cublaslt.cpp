@@ -2,6 +2,8 @@
 // cuBLASLt API qlora-cuda's blas.rs uses: column-major D = alpha·op(A)·op(B) + beta·C with
 // f32 or bf16 matrices, f32 compute and scale. Accumulates in f32 in k order; bf16 results are
 // rounded to nearest even once, at the store; C is not read when beta is 0 (as cuBLAS).
+#include <dlfcn.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -38,6 +40,26 @@ struct Heuristic {
     int reserved[4];
 };
 int handle_token, pref_token;
+
+// Whether matrix `l` at `p` lies inside one device allocation, asked of the emulator's driver
+// (driver.cpp, qlr_emu_inside_allocation): a layout that reaches past its buffer is a caller bug
+// that the real cuBLASLt would turn into a silent overwrite or an illegal-address fault.
+bool inside_allocation(const void* p, const Layout* l, const char* what) {
+    using Fn = int (*)(const void*, size_t);
+    static const Fn fn = [] {
+        void* h = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
+        const Fn f = h ? reinterpret_cast<Fn>(dlsym(h, "qlr_emu_inside_allocation")) : nullptr;
+        if (!f) std::fprintf(stderr, "qlora-emu: cublasLt: the emulator's libcuda.so is not loaded; extents unchecked\n");
+        return f;
+    }();
+    if (!fn || l->rows == 0 || l->cols == 0) return true;
+    const size_t elem = l->type == CUDA_R_32F ? 4 : 2;
+    const size_t bytes = (size_t(l->cols - 1) * size_t(l->ld) + l->rows) * elem;
+    if (fn(p, bytes)) return true;
+    std::fprintf(stderr, "qlora-emu: cublasLtMatmul: %s (%llu x %llu, ld %lld) at %p is not inside one allocation\n",
+                 what, (unsigned long long)l->rows, (unsigned long long)l->cols, (long long)l->ld, p);
+    return false;
+}
 
 float load(const void* p, int type, uint64_t i) {
     return type == CUDA_R_32F ? static_cast<const float*>(p)[i]
@@ -114,6 +136,9 @@ cublasStatus_t cublasLtMatmul(void*, const Desc* d, const void* alpha, const voi
     float al, be;
     std::memcpy(&al, alpha, 4);
     std::memcpy(&be, beta, 4);
+    if (!inside_allocation(A, la, "A") || !inside_allocation(B, lb, "B") ||
+        (be != 0.f && !inside_allocation(C, lc, "C")) || !inside_allocation(D, ld, "D"))
+        return CUBLAS_STATUS_INVALID_VALUE;
     for (uint64_t c = 0; c < n; ++c) {
         for (uint64_t r = 0; r < m; ++r) {
             float s = 0.f;

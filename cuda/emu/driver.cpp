@@ -61,6 +61,14 @@ struct Alloc {
     bool managed;
     bool on_device;
 };
+// Every allocation sits between two guard zones of canary bytes: kGuard before it, and from its
+// end through the rest of its 256-byte granule plus kGuard after. A kernel that writes outside
+// its buffers (a tile row past M, a vector store past the end) changes a canary, and the launch
+// fails naming the kernel and the allocation; the GPU would corrupt a neighbour silently or,
+// past the 2 MiB page, fault with an illegal address. Reads outside are not caught
+// (compute-sanitizer on the GPU machine is the check for those).
+constexpr size_t kGuard = 256;
+constexpr unsigned char kCanary = 0xc3;
 std::mutex mem_mutex;
 std::map<uintptr_t, Alloc> allocs;
 size_t used = 0;
@@ -94,14 +102,42 @@ CUresult alloc(CUdeviceptr* out, size_t bytes, bool managed) {
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     if (!managed && used + bytes > total_mem()) return CUDA_ERROR_OUT_OF_MEMORY;
     const size_t rounded = (bytes + 255) / 256 * 256;
-    void* p = std::aligned_alloc(256, rounded);
-    if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
+    auto* base = static_cast<unsigned char*>(std::aligned_alloc(256, kGuard + rounded + kGuard));
+    if (!base) return CUDA_ERROR_OUT_OF_MEMORY;
+    unsigned char* p = base + kGuard;
+    std::memset(base, kCanary, kGuard);
     // cuMemAlloc returns uninitialised memory: NaN bytes make reliance on zeros visible.
-    std::memset(p, 0xff, rounded);
+    std::memset(p, 0xff, bytes);
+    std::memset(p + bytes, kCanary, rounded - bytes + kGuard);
     allocs[uintptr_t(p)] = Alloc{bytes, managed, !managed};
     if (!managed) used += bytes;
     *out = CUdeviceptr(uintptr_t(p));
     return CUDA_SUCCESS;
+}
+
+// The first allocation whose guard zones a launch of `kernel` changed, logged; false if none.
+// Restores the canaries so that one overrun is reported once.
+bool guards_broken(const char* kernel) {
+    std::lock_guard<std::mutex> g(mem_mutex);
+    bool broken = false;
+    for (const auto& [addr, a] : allocs) {
+        auto* p = reinterpret_cast<unsigned char*>(addr);
+        const size_t tail = (a.bytes + 255) / 256 * 256 - a.bytes + kGuard;
+        long long first = 0;
+        bool hit = false;
+        for (size_t i = 0; i < kGuard && !hit; ++i)
+            if (p[-ptrdiff_t(kGuard) + ptrdiff_t(i)] != kCanary) hit = true, first = -(long long)(kGuard - i);
+        for (size_t i = 0; i < tail && !hit; ++i)
+            if (p[a.bytes + i] != kCanary) hit = true, first = (long long)(a.bytes + i);
+        if (!hit) continue;
+        log("launch %s wrote outside the allocation [%#llx, +%zu): byte %+lld", kernel, (unsigned long long)addr,
+            a.bytes, first);
+        std::memset(p - kGuard, kCanary, kGuard);
+        std::memset(p + a.bytes, kCanary, tail);
+        broken = true;
+        break;
+    }
+    return broken;
 }
 
 CUresult check_range(CUdeviceptr p, size_t n, const char* op) {
@@ -133,6 +169,11 @@ thread_local CUcontext current_ctx = nullptr;
 }  // namespace
 
 extern "C" {
+// For the emulator's cuBLASLt (cublaslt.cpp), which checks its matrices' extents.
+__attribute__((visibility("default"))) int qlr_emu_inside_allocation(const void* p, size_t n) {
+    std::lock_guard<std::mutex> g(mem_mutex);
+    return find(reinterpret_cast<uintptr_t>(p), n) != nullptr;
+}
 CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
 CUresult cuDriverGetVersion(int* v) {
     if (!v) return CUDA_ERROR_INVALID_VALUE;
@@ -261,7 +302,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
         return CUDA_ERROR_INVALID_VALUE;
     }
     if (it->second.on_device) used -= it->second.bytes;
-    std::free(reinterpret_cast<void*>(p));
+    std::free(reinterpret_cast<unsigned char*>(p) - kGuard);
     allocs.erase(it);
     return CUDA_SUCCESS;
 }
@@ -398,6 +439,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         log("launch %s failed: %s", fn->kernel->name, err.c_str());
         return CUDA_ERROR_LAUNCH_FAILED;
     }
+    if (guards_broken(fn->kernel->name)) return CUDA_ERROR_ILLEGAL_ADDRESS;
     return CUDA_SUCCESS;
 }
 }

@@ -67,6 +67,18 @@ struct Worker {
 };
 thread_local Worker* self = nullptr;
 
+// QLR_EMU_SCHEDULE=reverse runs the blocks of a grid, and the ready threads of a block in each
+// scheduling round, last to first. Between two barriers the threads of a block run one after
+// another, so a missing __syncthreads/__syncwarp (thread i reading shared memory that thread j
+// writes in the same interval) gives the right answer in one order and a stale value in the
+// other; lane E runs the GPU tests in both orders. Likewise for blocks that read what other
+// blocks of the same launch write.
+Schedule schedule_from_env() {
+    const char* e = std::getenv("QLR_EMU_SCHEDULE");
+    return e && std::strcmp(e, "reverse") == 0 ? Schedule::Reverse : Schedule::Forward;
+}
+Schedule schedule = schedule_from_env();
+
 size_t stack_bytes() {
     const char* e = std::getenv("QLR_EMU_STACK_KIB");
     return e ? size_t(std::atoll(e)) << 10 : kDefaultStack;
@@ -158,7 +170,9 @@ void run_block(Worker& w, const Launch& l, Dim b) {
     }
     while (w.live > 0) {
         const uint64_t before = w.progress;
-        for (int i = 0; i < nt; ++i) {
+        const bool rev = schedule == Schedule::Reverse;
+        for (int j = 0; j < nt; ++j) {
+            const int i = rev ? nt - 1 - j : j;
             if (w.fibers[i].done) continue;
             Fiber& f = w.fibers[i];
             w.current = i;
@@ -206,6 +220,7 @@ Worker* worker(int nt, size_t smem) {
 }  // namespace
 
 int lane_id() { return cur->linear & 31; }
+void set_schedule(Schedule s) { schedule = s; }
 
 void syncthreads() {
     Worker& w = *self;
@@ -304,7 +319,8 @@ std::string run(const Launch& l) {
     w->launch = &l;
     self = w;
     std::string err;
-    for (size_t i = 0; i < nblocks && err.empty(); ++i) {
+    for (size_t j = 0; j < nblocks && err.empty(); ++j) {
+        const size_t i = schedule == Schedule::Reverse ? nblocks - 1 - j : j;
         const Dim b{unsigned(i % l.grid.x), unsigned(i / l.grid.x % l.grid.y),
                     unsigned(i / (size_t(l.grid.x) * l.grid.y))};
         run_block(*w, l, b);

@@ -25,6 +25,10 @@ void register_kernel(const Kernel* k);
 const Kernel* find_kernel(const char* name);
 // Runs the whole grid; returns "" or what went wrong.
 std::string run(const Launch& l);
+// The order blocks and the ready threads of a block run in (runtime.cpp). The default is
+// Forward, or Reverse when the environment has QLR_EMU_SCHEDULE=reverse.
+enum class Schedule { Forward, Reverse };
+void set_schedule(Schedule s);
 
 template <typename... A, size_t... I>
 void call_with(void* fn, void** p, std::index_sequence<I...>) {

@@ -1,12 +1,24 @@
 // selftest.cpp: the emulator's own checks, run by `scripts/cuda_emu.sh build` before any GPU
 // test uses it: barriers order shared memory, shuffles and __any_sync see every lane, a
 // `__syncthreads` that only some threads reach is reported as a deadlock instead of hanging,
-// and a shuffle reading a returned lane is an error.
-// Build and run: scripts/cuda_emu.sh build.
+// a shuffle reading a returned lane is an error, a missing barrier reads stale shared memory in
+// one of the two schedules, and a kernel writing past its allocation fails its launch.
+// Build and run: scripts/cuda_emu.sh build (linked with driver.cpp and runtime.cpp).
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "runtime.h"
+
+// The driver entries the guard-zone check goes through (driver.cpp).
+extern "C" {
+int cuMemAlloc_v2(unsigned long long* p, size_t n);
+int cuMemFree_v2(unsigned long long p);
+int cuModuleLoadData(void** m, const void* image);
+int cuModuleGetFunction(const qlr_emu::Kernel** f, void* m, const char* name);
+int cuLaunchKernel(const qlr_emu::Kernel* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                   unsigned bz, unsigned smem, void* stream, void** params, void** extra);
+}
 
 namespace {
 int failures = 0;
@@ -54,6 +66,17 @@ __global__ void shuffle_from_returned_lane(int* out) {
     out[threadIdx.x] = __shfl_sync(0xffffffffu, int(threadIdx.x), 5);
 }
 
+// Reads its right neighbour's slot with no barrier between the write and the read (a race):
+// out[t] = 1 when the neighbour had already written this launch's tag (out[64]).
+__global__ void neighbour_without_barrier(int* out) {
+    __shared__ int v[64];
+    const int tag = out[64];
+    v[threadIdx.x] = tag;
+    out[threadIdx.x] = v[(threadIdx.x + 1) % 64] == tag;
+}
+// Thread t writes p[n + t]: thread 0 writes the first int past an n-int allocation.
+__global__ void write_past_end(int* p, int n) { p[n + threadIdx.x] = 1; }
+
 std::string launch(void (*k)(int*), const char* name, unsigned grid, unsigned block, int* arg) {
     static qlr_emu::Registrar* reg = nullptr;
     reg = new qlr_emu::Registrar("selftest", name, k);
@@ -80,6 +103,44 @@ int main() {
     expect(e1.find("deadlock") != std::string::npos, "divergent __syncthreads is a deadlock error");
     const std::string e2 = launch(shuffle_from_returned_lane, "shuffle_from_returned_lane", 1, 32, dummy);
     expect(e2.find("not active") != std::string::npos, "shuffle from a returned lane is an error");
+
+    // Forward: thread 63 alone sees its neighbour's (thread 0's) write; reverse: all but 63 do.
+    static int race[65];
+    race[64] = 1;
+    expect(launch(neighbour_without_barrier, "neighbour_without_barrier", 1, 64, race).empty(), "race launch");
+    expect(race[0] == 0 && race[62] == 0 && race[63] == 1, "forward schedule: threads run first to last");
+    qlr_emu::set_schedule(qlr_emu::Schedule::Reverse);
+    race[64] = 2;
+    expect(launch(neighbour_without_barrier, "neighbour_without_barrier", 1, 64, race).empty(), "race launch");
+    expect(race[0] == 1 && race[62] == 1 && race[63] == 0, "reverse schedule: threads run last to first");
+    qlr_emu::set_schedule(qlr_emu::Schedule::Forward);
+
+    std::printf("cuda-emu selftest: the next two 'wrote outside the allocation' lines are expected\n");
+    std::fflush(stdout);
+    // Guard zones: a launch that writes one int past its 40-byte allocation fails, and a later
+    // in-bounds launch on the same allocation succeeds (the canaries were restored).
+    static qlr_emu::Registrar overrun("selftest", "qlr_selftest_write_past_end", write_past_end);
+    // cuModuleGetFunction looks for the entry's name inside the image: an ELF header whose
+    // section table (0 entries) starts after the name is the smallest image it accepts.
+    unsigned char image[256] = {0x7f, 'E', 'L', 'F', 2};
+    const unsigned long long shoff = 192;
+    std::memcpy(image + 0x28, &shoff, 8);
+    std::strcpy(reinterpret_cast<char*>(image) + 64, "qlr_selftest_write_past_end");
+    void* module = nullptr;
+    const qlr_emu::Kernel* fn = nullptr;
+    unsigned long long buf = 0;
+    expect(cuModuleLoadData(&module, image) == 0 && cuModuleGetFunction(&fn, module, "qlr_selftest_write_past_end") == 0,
+           "selftest module");
+    expect(cuMemAlloc_v2(&buf, 10 * sizeof(int)) == 0, "cuMemAlloc");
+    int* p = reinterpret_cast<int*>(buf);
+    int n = 10;
+    void* args[] = {&p, &n};
+    expect(cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, nullptr, args, nullptr) == 700, "a write past the end fails");
+    n = 0;
+    expect(cuLaunchKernel(fn, 1, 1, 1, 10, 1, 1, 0, nullptr, args, nullptr) == 0, "in-bounds writes pass");
+    p = reinterpret_cast<int*>(buf) - 1;
+    expect(cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, nullptr, args, nullptr) == 700, "a write before the start fails");
+    expect(cuMemFree_v2(buf) == 0, "cuMemFree");
 
     if (failures == 0) std::printf("cuda-emu selftest: ok\n");
     return failures == 0 ? 0 : 1;
