@@ -20,8 +20,10 @@
 # the driver underneath is the emulator, which runs the same kernel source on the CPU. What it
 # shows: indexing, barriers, warp collectives, mma fragment layouts and launch geometry are
 # right against the CPU reference; run in both thread orders, a missing barrier shows; guard
-# zones around every allocation catch writes outside it. What it cannot show: speed, races of
-# the weak memory model between barriers, out-of-bounds reads, device rounding of expf/rsqrtf. Results are reported as lane E, never as "ran on a GPU".
+# pages and canaries around every allocation catch accesses past its end and writes before its
+# start. What it cannot show: speed, races of the weak memory model between barriers, accesses
+# inside a shared allocation (the step arena), device rounding of expf/rsqrtf. Results are
+# reported as lane E, never as "ran on a GPU".
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${CARGO_TARGET_DIR:-$ROOT/target}/cuda-emu"

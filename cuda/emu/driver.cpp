@@ -4,6 +4,11 @@
 // trivially); modules are the NVRTC cubins qlora-cuda compiled, kept to check that each entry
 // asked for is in its cubin, while the code that runs is the same kernel source compiled for
 // the host (kernels_*.cpp).
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdarg>
 #include <cstdint>
@@ -60,12 +65,16 @@ struct Alloc {
     size_t bytes;
     bool managed;
     bool on_device;
+    unsigned char* map;  // the mapping it lies in (see alloc)
+    size_t map_len;
 };
-// Every allocation sits between two guard zones of canary bytes: kGuard before it, and from its
-// end through the rest of its 256-byte granule plus kGuard after. A kernel that writes outside
-// its buffers (a tile row past M, a vector store past the end) changes a canary, and the launch
-// fails naming the kernel and the allocation; the GPU would corrupt a neighbour silently or,
-// past the 2 MiB page, fault with an illegal address. Reads outside are not caught
+// Every allocation ends where an inaccessible page begins (rounded up to 256 bytes, as the
+// driver aligns), and has canary bytes before it (kGuard) and in the rest of its last 256-byte
+// granule. A kernel that reads or writes past the page faults, and the launch's SIGSEGV handler
+// names the kernel and the allocation; a write into the canaries (a tile row past M, a store
+// before the start) fails the launch after it returns. On the GPU the first would corrupt a
+// neighbour silently or, past the 2 MiB page, fault with an illegal address; the second corrupts
+// silently. Reads inside the last granule or before the start are not caught
 // (compute-sanitizer on the GPU machine is the check for those).
 constexpr size_t kGuard = 256;
 constexpr unsigned char kCanary = 0xc3;
@@ -102,14 +111,21 @@ CUresult alloc(CUdeviceptr* out, size_t bytes, bool managed) {
     if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     if (!managed && used + bytes > total_mem()) return CUDA_ERROR_OUT_OF_MEMORY;
     const size_t rounded = (bytes + 255) / 256 * 256;
-    auto* base = static_cast<unsigned char*>(std::aligned_alloc(256, kGuard + rounded + kGuard));
-    if (!base) return CUDA_ERROR_OUT_OF_MEMORY;
-    unsigned char* p = base + kGuard;
-    std::memset(base, kCanary, kGuard);
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t data = (kGuard + rounded + page - 1) / page * page;
+    void* m = mmap(nullptr, data + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    auto* map = static_cast<unsigned char*>(m);
+    if (mprotect(map + data, page, PROT_NONE) != 0) {
+        munmap(m, data + page);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    unsigned char* p = map + data - rounded;
+    std::memset(p - kGuard, kCanary, kGuard);
     // cuMemAlloc returns uninitialised memory: NaN bytes make reliance on zeros visible.
     std::memset(p, 0xff, bytes);
-    std::memset(p + bytes, kCanary, rounded - bytes + kGuard);
-    allocs[uintptr_t(p)] = Alloc{bytes, managed, !managed};
+    std::memset(p + bytes, kCanary, rounded - bytes);
+    allocs[uintptr_t(p)] = Alloc{bytes, managed, !managed, map, data + page};
     if (!managed) used += bytes;
     *out = CUdeviceptr(uintptr_t(p));
     return CUDA_SUCCESS;
@@ -122,7 +138,7 @@ bool guards_broken(const char* kernel) {
     bool broken = false;
     for (const auto& [addr, a] : allocs) {
         auto* p = reinterpret_cast<unsigned char*>(addr);
-        const size_t tail = (a.bytes + 255) / 256 * 256 - a.bytes + kGuard;
+        const size_t tail = (a.bytes + 255) / 256 * 256 - a.bytes;
         long long first = 0;
         bool hit = false;
         for (size_t i = 0; i < kGuard && !hit; ++i)
@@ -138,6 +154,49 @@ bool guards_broken(const char* kernel) {
         break;
     }
     return broken;
+}
+
+// The kernel of the launch in progress, for the SIGSEGV handler.
+const char* launching = nullptr;
+
+// A fault inside a launch: name the kernel and the allocation whose guard page it hit, then
+// abort (the fiber cannot be resumed). Best effort, like any crash report: it reads `allocs`
+// without the lock (launches run with no allocation in progress on their thread).
+void on_fault(int, siginfo_t* info, void*) {
+    const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+    char msg[320];
+    int n = std::snprintf(msg, sizeof msg,
+                          "qlora-emu: launch %s faulted at %#llx: not next to any allocation (a wild pointer, or a "
+                          "kernel thread's stack overflowed: raise QLR_EMU_STACK_KIB)\n",
+                          launching ? launching : "?", (unsigned long long)addr);
+    for (const auto& [base, a] : allocs) {
+        const uintptr_t guard = reinterpret_cast<uintptr_t>(a.map) + a.map_len - size_t(sysconf(_SC_PAGESIZE));
+        if (addr >= guard && addr < reinterpret_cast<uintptr_t>(a.map) + a.map_len) {
+            n = std::snprintf(msg, sizeof msg,
+                              "qlora-emu: launch %s read or wrote past the end of the allocation [%#llx, +%zu): byte "
+                              "+%llu\n",
+                              launching ? launching : "?", (unsigned long long)base, a.bytes,
+                              (unsigned long long)(addr - base));
+            break;
+        }
+    }
+    if (n > 0) (void)!write(2, msg, std::min(size_t(n), sizeof msg - 1));
+    std::abort();
+}
+
+// Runs `launch` with on_fault as the SIGSEGV handler (the process's own handler otherwise:
+// Rust's stack-overflow detection).
+std::string run_guarded(const qlr_emu::Launch& l) {
+    struct sigaction sa = {}, old = {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    launching = l.kernel->name;
+    sigaction(SIGSEGV, &sa, &old);
+    std::string err = qlr_emu::run(l);
+    sigaction(SIGSEGV, &old, nullptr);
+    launching = nullptr;
+    return err;
 }
 
 CUresult check_range(CUdeviceptr p, size_t n, const char* op) {
@@ -302,7 +361,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
         return CUDA_ERROR_INVALID_VALUE;
     }
     if (it->second.on_device) used -= it->second.bytes;
-    std::free(reinterpret_cast<unsigned char*>(p) - kGuard);
+    munmap(it->second.map, it->second.map_len);
     allocs.erase(it);
     return CUDA_SUCCESS;
 }
@@ -434,7 +493,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     if (trace())
         log("launch %s grid (%u,%u,%u) block (%u,%u,%u) smem %u", fn->kernel->name, gx, gy, gz, bx, by, bz, smem);
     const qlr_emu::Launch l{fn->kernel, {gx, gy, gz}, {bx, by, bz}, smem, params};
-    const std::string err = qlr_emu::run(l);
+    const std::string err = run_guarded(l);
     if (!err.empty()) {
         log("launch %s failed: %s", fn->kernel->name, err.c_str());
         return CUDA_ERROR_LAUNCH_FAILED;

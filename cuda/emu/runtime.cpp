@@ -10,6 +10,7 @@
 
 #include <sys/mman.h>
 #include <setjmp.h>
+#include <unistd.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -209,9 +210,13 @@ Worker* worker(int nt, size_t smem) {
     const size_t sb = stack_bytes();
     if (w->fibers.size() < size_t(nt)) w->fibers.resize(nt);
     while (w->stacks.size() < size_t(nt)) {
-        void* p = mmap(nullptr, sb, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        // An inaccessible page below each stack: a kernel thread that overflows its stack
+        // faults (driver.cpp reports it) instead of writing into its neighbour's.
+        const size_t page = size_t(sysconf(_SC_PAGESIZE));
+        void* p = mmap(nullptr, sb + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p == MAP_FAILED) return nullptr;
-        w->stacks.push_back(static_cast<unsigned char*>(p));
+        if (mprotect(p, page, PROT_NONE) != 0) return nullptr;
+        w->stacks.push_back(static_cast<unsigned char*>(p) + page);
     }
     w->smem.assign(smem, 0);
     w->error.clear();

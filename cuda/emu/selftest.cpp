@@ -4,6 +4,10 @@
 // a shuffle reading a returned lane is an error, a missing barrier reads stale shared memory in
 // one of the two schedules, and a kernel writing past its allocation fails its launch.
 // Build and run: scripts/cuda_emu.sh build (linked with driver.cpp and runtime.cpp).
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -76,6 +80,8 @@ __global__ void neighbour_without_barrier(int* out) {
 }
 // Thread t writes p[n + t]: thread 0 writes the first int past an n-int allocation.
 __global__ void write_past_end(int* p, int n) { p[n + threadIdx.x] = 1; }
+// Reads p[n], n ints in: past the end when the allocation holds fewer.
+__global__ void read_at(int* p, int n) { p[0] = p[n]; }
 
 std::string launch(void (*k)(int*), const char* name, unsigned grid, unsigned block, int* arg) {
     static qlr_emu::Registrar* reg = nullptr;
@@ -140,6 +146,29 @@ int main() {
     expect(cuLaunchKernel(fn, 1, 1, 1, 10, 1, 1, 0, nullptr, args, nullptr) == 0, "in-bounds writes pass");
     p = reinterpret_cast<int*>(buf) - 1;
     expect(cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, nullptr, args, nullptr) == 700, "a write before the start fails");
+    expect(cuMemFree_v2(buf) == 0, "cuMemFree");
+
+    // A read 64 ints (256 bytes, one granule) past the end of a 40-byte allocation hits the
+    // inaccessible page after it: the launch aborts the process with a message (in a child).
+    static qlr_emu::Registrar reader("selftest", "qlr_selftest_read_at", read_at);
+    std::strcpy(reinterpret_cast<char*>(image) + 64, "qlr_selftest_read_at");
+    expect(cuModuleLoadData(&module, image) == 0 && cuModuleGetFunction(&fn, module, "qlr_selftest_read_at") == 0,
+           "selftest module");
+    expect(cuMemAlloc_v2(&buf, 10 * sizeof(int)) == 0, "cuMemAlloc");
+    p = reinterpret_cast<int*>(buf);
+    n = 9;
+    expect(cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, nullptr, args, nullptr) == 0, "an in-bounds read passes");
+    std::printf("cuda-emu selftest: the next 'read or wrote past the end' line is expected\n");
+    std::fflush(stdout);
+    const pid_t child = fork();
+    if (child == 0) {
+        n = 64;
+        cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, nullptr, args, nullptr);
+        _exit(0);  // not reached when the guard page works
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, "a read past the guard page aborts the launch");
     expect(cuMemFree_v2(buf) == 0, "cuMemFree");
 
     if (failures == 0) std::printf("cuda-emu selftest: ok\n");
