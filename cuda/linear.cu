@@ -1,5 +1,6 @@
 // linear.cu: the fused NF4 + LoRA linear (design.md §1, specs/peft.md), S = alpha/r (or alpha/√r).
 // entries: qlr_linear_fwd_f32 qlr_linear_fwd_bf16 qlr_linear_bwd_f32 qlr_linear_bwd_bf16
+// entries: qlr_linear_fwd_skinny_bf16
 // entries: qlr_linear_bwd_acc_f32 qlr_linear_bwd_acc_bf16
 // entries: qlr_linear_lora_proj_fwd_f32 qlr_linear_lora_proj_fwd_bf16
 // entries: qlr_linear_lora_grad_bwd_acc_f32 qlr_linear_lora_grad_bwd_acc_bf16
@@ -401,6 +402,191 @@ extern "C" __global__ void __launch_bounds__(256) qlr_linear_bwd_acc_bf16(QlrLin
 extern "C" __global__ void __launch_bounds__(256) qlr_linear_fwd_f32(QlrLinear L) { linear_simt<false>(L); }
 extern "C" __global__ void __launch_bounds__(256) qlr_linear_bwd_f32(QlrLinear L) { linear_simt<false>(L); }
 extern "C" __global__ void __launch_bounds__(256) qlr_linear_bwd_acc_f32(QlrLinear L) { linear_simt<true>(L); }
+
+// ---- skinny forward (bf16, M <= 64): y = x·deq(W)ᵀ + us·Bᵀ streamed at memory bandwidth ----
+// The 128×128-tile kernel above is compute-shaped: at M <= 64 it runs N/128 blocks (32 for a
+// 4096-wide output on 132 SMs), each with one 2 KiB NF4 stage in flight, far from HBM
+// bandwidth. Here a block owns 32 output columns (4 n8 tiles) and all M <= 64 rows (up to 4
+// m16 tiles); its 8 warps split K into interleaved 128-wide chunks, and each lane loads 16
+// bytes (32 codes) of one W row per n tile and chunk straight into registers, the next chunk's
+// loads in flight while the current one computes: no shared-memory staging of W, and 16 KiB of
+// NF4 in flight per block.
+//
+// Fragments without a shuffle: the reduction order inside an mma is free, so logical k is
+// mapped to physical k per lane. Lane (g, t) holds codes [32t, 32t+32) of chunk row n0 + g;
+// in mma step s (0..7) its B fragment is codes 32t+4s+{0,1} (logical k 2t, 2t+1) and
+// 32t+4s+{2,3} (logical k 2t+8, 2t+9), and the A fragment takes x at the same physical k: one
+// 8-byte load per row (rows g and g+8 of the m16 tile). Over s and t every physical k of the
+// chunk is used exactly once, in A and B alike.
+//
+// Conditions (checked by the launcher, which otherwise runs the tiled kernel): W row-major
+// (N, K) with K % 128 == 0 and QB % 32 == 0 (a lane's 32 codes share one scale), x 8-byte
+// aligned, M <= 64. The warps' partial sums are added in a fixed tree (deterministic), the
+// LoRA term goes into warp 0's partial sum first, and y is written once.
+#define SKINNY_BN 32
+#define SKINNY_CHUNK 128
+#define SKINNY_WARPS 8
+
+// x[row][k..k+3] as two bf16 pairs (zeros for rows past M).
+__device__ __forceinline__ uint2 skinny_x4(const bf16* x, int m, int k1, int row, int k) {
+    return row < m ? __ldg(reinterpret_cast<const uint2*>(x + (long long)row * k1 + k)) : make_uint2(0, 0);
+}
+
+// lut: 16 floats; part: 4 × MT·16 × 32 floats, the partial sums of warps 4..7, then 2..3, then 1
+// (shared memory of the entry, so the three instantiations do not each reserve their own).
+template <int MT>
+__device__ void linear_fwd_skinny(const QlrLinear& L, float* lut, float* part) {
+    qlr_nf4_lut_to_smem(lut);
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * SKINNY_BN;
+    const bf16* x = static_cast<const bf16*>(L.a1);
+    float acc[MT][4][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    const int chunks = L.k1 / SKINNY_CHUNK;
+    // One chunk's W: 4 n tiles × 16 bytes per lane, with their scales.
+    struct Stage {
+        uint4 w[4];
+        float s[4];
+    };
+    auto load = [&](Stage& st, int c) {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int n = n0 + 8 * nt + g;
+            if (c < chunks && n < L.n_out) {
+                const long long f = (long long)n * L.w_sc + (long long)c * SKINNY_CHUNK + 32 * t;
+                st.w[nt] = __ldg(reinterpret_cast<const uint4*>(L.w.packed + (f >> 1)));
+                st.s[nt] = qlr_nf4_scale(L.w, f / L.w.blocksize);
+            } else {
+                st.w[nt] = make_uint4(0, 0, 0, 0);
+                st.s[nt] = 0.f;  // lut[0] · 0 = -0: rows past N and chunks past K add nothing
+            }
+        }
+    };
+    Stage cur, next;
+    load(cur, warp);
+    for (int c = warp; c < chunks; c += SKINNY_WARPS) {
+        load(next, c + SKINNY_WARPS);
+        const int kb = c * SKINNY_CHUNK + 32 * t;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const uint2 lo = skinny_x4(x, L.m, L.k1, 16 * mt + g, kb + 4 * s);
+                const uint2 hi = skinny_x4(x, L.m, L.k1, 16 * mt + g + 8, kb + 4 * s);
+                a[mt][0] = lo.x;
+                a[mt][1] = hi.x;
+                a[mt][2] = lo.y;
+                a[mt][3] = hi.y;
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                // Codes 4s..4s+3 of this lane's 32: bytes 2s and 2s+1, high nibble first.
+                const unsigned word = (&cur.w[nt].x)[s >> 1] >> (16 * (s & 1));
+                const unsigned b0 = word & 0xffu, b1 = (word >> 8) & 0xffu;
+                const float sc = cur.s[nt];
+                const __nv_bfloat162 p0 = __floats2bfloat162_rn(qlr_nf4_deq(lut, b0 >> 4, sc), qlr_nf4_deq(lut, b0 & 15u, sc));
+                const __nv_bfloat162 p1 = __floats2bfloat162_rn(qlr_nf4_deq(lut, b1 >> 4, sc), qlr_nf4_deq(lut, b1 & 15u, sc));
+                const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&p0), *reinterpret_cast<const unsigned*>(&p1)};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma_bf16_16816(acc[mt][nt], a[mt], b);
+            }
+        }
+        cur = next;
+    }
+    // LoRA term into warp 0's partial sum: us (M, R) · Bᵀ, B element (n, j) at b2[n·b2_sc + j·b2_sj],
+    // standard fragments (R is small), zeros past M, N and R.
+    if (warp == 0) {
+        const bf16* us = static_cast<const bf16*>(L.a2);
+        const bf16* b2 = static_cast<const bf16*>(L.b2);
+        const bf16 zero = __float2bfloat16_rn(0.f);
+        auto ua = [&](int row, int j) { return row < L.m && j < L.k2 ? us[(long long)row * L.k2 + j] : zero; };
+        auto bb = [&](int n, int j) {
+            return n < L.n_out && j < L.k2 ? b2[(long long)n * L.b2_sc + (long long)j * L.b2_sj] : zero;
+        };
+        auto pack = [](bf16 lo, bf16 hi) {
+            const __nv_bfloat162 h = __halves2bfloat162(lo, hi);
+            return *reinterpret_cast<const unsigned*>(&h);
+        };
+        for (int k0 = 0; k0 < L.k2; k0 += 16) {
+            const int j0 = k0 + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const int n = n0 + 8 * nt + g;
+                const unsigned b[2] = {pack(bb(n, j0), bb(n, j0 + 1)), pack(bb(n, j0 + 8), bb(n, j0 + 9))};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int r0 = 16 * mt + g;
+                    const unsigned a[4] = {pack(ua(r0, j0), ua(r0, j0 + 1)), pack(ua(r0 + 8, j0), ua(r0 + 8, j0 + 1)),
+                                           pack(ua(r0, j0 + 8), ua(r0, j0 + 9)),
+                                           pack(ua(r0 + 8, j0 + 8), ua(r0 + 8, j0 + 9))};
+                    mma_bf16_16816(acc[mt][nt], a, b);
+                }
+            }
+        }
+    }
+    // Tree over the warps: w += w + half, for half = 4, 2, 1; warp 0 ends with the total.
+#pragma unroll
+    for (int half = 4; half >= 1; half >>= 1) {
+        if (warp >= half && warp < 2 * half) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) part[((warp - half) * MT * 16 + mt * 16 + nt * 4 + q) * 32 + lane] = acc[mt][nt][q];
+        }
+        __syncthreads();
+        if (warp < half) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) acc[mt][nt][q] += part[(warp * MT * 16 + mt * 16 + nt * 4 + q) * 32 + lane];
+        }
+        __syncthreads();
+    }
+    if (warp != 0) return;
+    bf16* out = static_cast<bf16*>(L.out);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = 16 * mt + g + 8 * h;
+                const int c = n0 + 8 * nt + 2 * t;
+                if (r >= L.m) continue;
+                bf16* o = out + (long long)r * L.n_out + c;
+                const float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+                if (c + 1 < L.n_out && (reinterpret_cast<unsigned long long>(o) & 3) == 0) {
+                    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
+                } else {
+                    if (c < L.n_out) o[0] = __float2bfloat16_rn(v0);
+                    if (c + 1 < L.n_out) o[1] = __float2bfloat16_rn(v1);
+                }
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(256) qlr_linear_fwd_skinny_bf16(QlrLinear L) {
+    __shared__ float lut[16];
+    __shared__ float part[4 * 64 * 32];
+    // M <= 64 rows in 1, 2 or 4 m16 tiles (3 rounds up to 4).
+    if (L.m <= 16)
+        linear_fwd_skinny<1>(L, lut, part);
+    else if (L.m <= 32)
+        linear_fwd_skinny<2>(L, lut, part);
+    else
+        linear_fwd_skinny<4>(L, lut, part);
+}
 
 // ---- lora_proj: out (m, r) T = scale · a (m, k) · Bop, Bop element (k, j) at b[k*sbk + j*sbj] ----
 // Block: 32 rows of `a`, k in chunks of 64 staged in shared memory; each thread owns

@@ -39,7 +39,7 @@ build() {
         exit 2
     fi
     mkdir -p "$OUTDIR/gen" "$OUTDIR/obj" "$OUTDIR/lib"
-    local objs=()
+    local objs=() pids=()
     # One translation unit per kernel file, in its own namespace (NVRTC also compiles each file
     # alone), registering every entry listed in the sm_90 register snapshot (all of them: lane B
     # fails when an entry is missing from it).
@@ -66,12 +66,17 @@ build() {
             [[ -e "$obj" && ! "$dep" -nt "$obj" ]] || stale=1
         done
         if ((stale)); then
+            # Removed first: a failed compile must not leave the previous object to link.
+            rm -f "$obj"
             "$CXX" "${CXXFLAGS[@]}" -I"$ROOT/cuda/emu" -I"$ROOT/cuda/emu/include" -I"$ROOT/cuda" \
                 -c "$gen" -o "$obj" &
+            pids+=($!)
         fi
     done
-    wait
-    for o in "${objs[@]}"; do [[ -e "$o" ]] || { echo "cuda_emu: compile failed: $o" >&2; exit 1; }; done
+    local failed=0 pid
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    for o in "${objs[@]}"; do [[ -e "$o" ]] || failed=1; done
+    ((failed == 0)) || { echo "cuda_emu: a kernel file failed to compile for the host (errors above)" >&2; exit 1; }
     # No soname "libcuda.so.1": NVRTC dlopens that name to query a driver when one is loaded,
     # and would get the emulator (it crashed in nvrtcCompileProgram); cudarc asks for libcuda.so.
     "$CXX" "${CXXFLAGS[@]}" -I"$ROOT/cuda/emu" -I"$ROOT/cuda/emu/include" -shared \

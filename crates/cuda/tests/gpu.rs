@@ -663,9 +663,10 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, acc_dx: bool, seed:
 }
 
 /// Together these reach every tile-loader path of `cuda/linear.cu` in both directions:
-/// the pipelined fast path (fwd k-contiguous: cases 2 and 3; bwd column-contiguous: case 3),
+/// the pipelined fast path (fwd k-contiguous: case 2; bwd column-contiguous: case 3),
 /// the plain 16-code paths (cases 1 and 2 where K or N is not a multiple of 32) and the
-/// scalar fallback (case 4: K % 16 != 0).
+/// scalar fallback (case 4: K % 16 != 0). In bf16, case 3's forward (M 1, K % 128 == 0) runs
+/// the skinny kernel; cases 1 and 4 (M ≤ 64, K % 128 != 0) keep the tiled one at few rows.
 const LIN_CASES: [LinCase; 4] = [
     // Tails everywhere: M, N and K not multiples of the tiles (K a multiple of 16 only).
     LinCase {
@@ -719,6 +720,56 @@ fn parity_linear_fused_bf16() {
     // Accumulating into dx: a tiled case and a scalar-fallback case.
     for i in [1, 3] {
         run_linear::<bf16>(&d, &LIN_CASES[i], true, true, 21 + 50 + i as u64);
+    }
+}
+/// The skinny bf16 forward (`qlr_linear_fwd_skinny_bf16`, M ≤ 64) in each of its m-tile
+/// counts (1, 2 and 4; M 33 pads 3 tiles to 4), with N not a multiple of its 32-column blocks
+/// or of 8, more 128-wide K chunks than warps (K 1280: warps take 1 or 2 chunks), and ranks
+/// 16, 8 and 5 (the LoRA term pads R to 16). Its backward is the tiled kernel's.
+const SKINNY_CASES: [LinCase; 4] = [
+    LinCase {
+        m: 16,
+        k: 384,
+        n: 40,
+        r: 16,
+    },
+    LinCase {
+        m: 33,
+        k: 256,
+        n: 96,
+        r: 8,
+    },
+    LinCase {
+        m: 64,
+        k: 128,
+        n: 36,
+        r: 5,
+    },
+    LinCase {
+        m: 7,
+        k: 1280,
+        n: 64,
+        r: 16,
+    },
+];
+#[test]
+#[ignore = "needs a CUDA device"]
+fn parity_linear_fused_skinny_bf16() {
+    let d = dev();
+    for (i, c) in SKINNY_CASES.iter().enumerate() {
+        assert!(linear::skinny_fwd_applies(
+            true,
+            &linear::LinearDims {
+                m: c.m,
+                k: c.k,
+                n: c.n,
+                r: c.r,
+                scale: 2.0
+            },
+            64,
+            0
+        ));
+        run_linear::<bf16>(&d, c, true, false, 71 + i as u64);
     }
 }
 #[test]

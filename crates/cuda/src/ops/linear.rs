@@ -55,6 +55,26 @@ pub fn fused_geometry(bf16: bool, m: usize, n_out: usize) -> Geometry {
         smem: 0,
     }
 }
+/// Skinny forward (`qlr_linear_fwd_skinny_bf16`): 32 output columns per 256-thread block, all
+/// M ≤ [`SKINNY_MAX_M`] rows in the block, K split over its 8 warps.
+pub fn skinny_geometry(n_out: usize) -> Geometry {
+    Geometry {
+        grid: (cdiv(n_out, 32).max(1) as u32, 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+    }
+}
+/// Most rows the skinny forward takes (four m16 tiles).
+pub const SKINNY_MAX_M: usize = 64;
+/// Whether the forward of `d` runs the skinny kernel: bf16, M ≤ [`SKINNY_MAX_M`], K a multiple
+/// of its 128-wide chunks, a lane's 32 codes inside one scale block (QB % 32 == 0), and x
+/// 8-byte aligned (its 4-element loads). Otherwise the 128×128-tile kernel runs.
+pub fn skinny_fwd_applies(bf16: bool, d: &LinearDims, blocksize: usize, x_ptr: u64) -> bool {
+    bf16 && d.m <= SKINNY_MAX_M
+        && d.k.is_multiple_of(128)
+        && blocksize.is_multiple_of(32)
+        && x_ptr.is_multiple_of(8)
+}
 /// lora_proj: 32 rows of the input per 256-thread block; R ≤ 128.
 pub fn proj_geometry(m: usize) -> Geometry {
     Geometry {
@@ -254,14 +274,14 @@ pub fn fwd<T: Elem>(
         accumulate: 0,
         pad: 0,
     };
-    let geo = fused_geometry(T::SUFFIX == "bf16", d.m, d.n);
-    dev.launch(
-        FILE,
-        &entry::<T>("qlr_linear_fwd"),
-        geo,
-        Args::new().arg(arg),
-        stream,
-    )
+    let bf16 = T::SUFFIX == "bf16";
+    // Few rows: the skinny kernel streams W at memory bandwidth (cuda/linear.cu).
+    let (stem, geo) = if skinny_fwd_applies(bf16, &d, w.blocksize, x.device_ptr()) {
+        ("qlr_linear_fwd_skinny", skinny_geometry(d.n))
+    } else {
+        ("qlr_linear_fwd", fused_geometry(bf16, d.m, d.n))
+    };
+    dev.launch(FILE, &entry::<T>(stem), geo, Args::new().arg(arg), stream)
 }
 
 /// Fused backward. Outputs: `dx` (M,K) T (overwritten, or accumulated when `accumulate_dx`:
@@ -643,6 +663,31 @@ mod tests {
         assert_eq!(d.path(65), LinearPath::DequantBlas);
     }
 
+    #[test]
+    fn skinny_forward_takes_few_rows_whole_chunks_and_bf16_only() {
+        let d = |m, k| LinearDims {
+            m,
+            k,
+            n: 4096,
+            r: 16,
+            scale: 2.0,
+        };
+        assert!(skinny_fwd_applies(true, &d(1, 4096), 64, 256));
+        assert!(skinny_fwd_applies(true, &d(64, 128), 64, 256));
+        assert!(!skinny_fwd_applies(true, &d(65, 4096), 64, 256), "M");
+        assert!(!skinny_fwd_applies(true, &d(16, 4160), 64, 256), "K % 128");
+        assert!(!skinny_fwd_applies(true, &d(16, 4096), 16, 256), "QB % 32");
+        assert!(
+            !skinny_fwd_applies(true, &d(16, 4096), 64, 260),
+            "x alignment"
+        );
+        assert!(!skinny_fwd_applies(false, &d(16, 4096), 64, 256), "f32");
+        // 32 columns per block: Llama-3-8B's narrowest output (1024) still fills 32 blocks,
+        // the 4096-wide ones 128 (one per SM of an H100).
+        assert_eq!(skinny_geometry(4096).grid, (128, 1, 1));
+        assert_eq!(skinny_geometry(40).grid, (2, 1, 1));
+        assert_eq!(skinny_geometry(0).grid, (1, 1, 1));
+    }
     #[test]
     fn proj_geometry_rows() {
         assert_eq!(proj_geometry(1).grid.0, 1);
