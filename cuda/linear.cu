@@ -1,6 +1,6 @@
 // linear.cu: the fused NF4 + LoRA linear (design.md §1, specs/peft.md), S = alpha/r (or alpha/√r).
 // entries: qlr_linear_fwd_f32 qlr_linear_fwd_bf16 qlr_linear_bwd_f32 qlr_linear_bwd_bf16
-// entries: qlr_linear_fwd_skinny_bf16
+// entries: qlr_linear_fwd_skinny_bf16 qlr_linear_bwd_skinny_bf16 qlr_linear_bwd_acc_skinny_bf16
 // entries: qlr_linear_bwd_acc_f32 qlr_linear_bwd_acc_bf16
 // entries: qlr_linear_lora_proj_fwd_f32 qlr_linear_lora_proj_fwd_bf16
 // entries: qlr_linear_lora_grad_bwd_acc_f32 qlr_linear_lora_grad_bwd_acc_bf16
@@ -586,6 +586,191 @@ extern "C" __global__ void __launch_bounds__(256) qlr_linear_fwd_skinny_bf16(Qlr
         linear_fwd_skinny<2>(L, lut, part);
     else
         linear_fwd_skinny<4>(L, lut, part);
+}
+
+// ---- skinny backward (bf16, M <= 16): dx (=|+=) dy·deq(W) + vs·A, W streamed like the forward ----
+// Here W's contiguous axis is the output axis (dx column c = W column), so a contiguous load
+// cannot form B fragments (pairs along the reduction j). Instead lane (g, t) loads four rows
+// j0 + {2t, 2t+1, 2t+8, 2t+9} of a 16-row chunk at columns cb + 8g .. cb + 8g + 7 (4 bytes each;
+// the 8 lanes of a t cover 32 contiguous bytes of a row): for each of its 8 columns q that is
+// exactly one B fragment, so n-tile q maps logical n g to column cb + 8g + q. The reduction
+// order is the natural one, and the A fragments are plain 4-byte loads of dy.
+// A block owns 64 output columns and all M <= 16 rows; its 16 warps split the reduction into
+// interleaved 16-row chunks, each warp keeping SKB_DEPTH chunks in flight (16 warps × 4 chunks ×
+// 512 bytes = 32 KiB per block: at K 4096 only 64 blocks run, so depth stands in for blocks).
+// Conditions (the launcher checks): M <= 16, W's row length (n_out here) % 8 == 0 and QB % 8 == 0
+// (a lane's 8 codes share a scale), the reduction length (k1) even and dy 4-byte aligned.
+// Partial sums: a fixed tree through shared memory (8 warps' 32 accumulators × 32 lanes).
+#define SKB_COLS 64
+#define SKB_WARPS 16
+#define SKB_DEPTH 4
+
+template <int MT, bool ACC>
+__device__ void linear_bwd_skinny(const QlrLinear& L, float* lut, float* part) {
+    qlr_nf4_lut_to_smem(lut);
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int cb = blockIdx.x * SKB_COLS;
+    const int col = cb + 8 * g;                           // this lane's 8 columns: col .. col + 7
+    const bool col_ok = col < L.n_out;                    // n_out % 8 == 0: all 8 in or all out
+    const bf16* dy = static_cast<const bf16*>(L.a1);      // (m, k1) row-major
+    float acc[MT][8][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    const int chunks = (L.k1 + 15) / 16;
+    // Row j0 + {2t, 2t+1, 2t+8, 2t+9}: 8 codes (4 bytes) each, and the scales.
+    unsigned w[SKB_DEPTH][4];
+    float sc[SKB_DEPTH][4];
+    auto load = [&](int d, int c) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int j = 16 * c + 2 * t + (i & 1) + 8 * (i >> 1);
+            if (c < chunks && j < L.k1 && col_ok) {
+                const long long f = (long long)col + (long long)j * L.w_sj;
+                w[d][i] = __ldg(reinterpret_cast<const unsigned*>(L.w.packed + (f >> 1)));
+                sc[d][i] = qlr_nf4_scale(L.w, f / L.w.blocksize);
+            } else {
+                w[d][i] = 0u;
+                sc[d][i] = 0.f;  // rows past the reduction and columns past the output add nothing
+            }
+        }
+    };
+    // A fragment of dy rows r, r + 8 at reduction index j, j + 1 (zeros past M and k1).
+    auto dy2 = [&](int r, int j) {
+        return r < L.m && j < L.k1 ? __ldg(reinterpret_cast<const unsigned*>(dy + (long long)r * L.k1 + j)) : 0u;
+    };
+#pragma unroll
+    for (int d = 0; d < SKB_DEPTH; ++d) load(d, warp + SKB_WARPS * d);
+    for (int base = warp; base < chunks; base += SKB_WARPS * SKB_DEPTH) {
+#pragma unroll
+        for (int d = 0; d < SKB_DEPTH; ++d) {
+            const int c = base + SKB_WARPS * d;
+            if (c < chunks) {  // warp-uniform
+                const int j0 = 16 * c + 2 * t;
+                unsigned a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int r = 16 * mt + g;
+                    a[mt][0] = dy2(r, j0);
+                    a[mt][1] = dy2(r + 8, j0);
+                    a[mt][2] = dy2(r, j0 + 8);
+                    a[mt][3] = dy2(r + 8, j0 + 8);
+                }
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    // Code of column col + q in a 4-byte word: byte q/2, high nibble first.
+                    const int sh = 8 * (q >> 1) + ((q & 1) ? 0 : 4);
+                    float v[4];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) v[i] = qlr_nf4_deq(lut, (w[d][i] >> sh) & 15u, sc[d][i]);
+                    const __nv_bfloat162 p0 = __floats2bfloat162_rn(v[0], v[1]);  // rows 2t, 2t+1
+                    const __nv_bfloat162 p1 = __floats2bfloat162_rn(v[2], v[3]);  // rows 2t+8, 2t+9
+                    const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&p0),
+                                           *reinterpret_cast<const unsigned*>(&p1)};
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) mma_bf16_16816(acc[mt][q], a[mt], b);
+                }
+            }
+            load(d, c + SKB_WARPS * SKB_DEPTH);
+        }
+    }
+    // LoRA term into warp 0's partial sum: vs (M, R) · A, A element (c, r) at b2[c·b2_sc + r·b2_sj].
+    if (warp == 0) {
+        const bf16* vs = static_cast<const bf16*>(L.a2);
+        const bf16* b2 = static_cast<const bf16*>(L.b2);
+        const bf16 zero = __float2bfloat16_rn(0.f);
+        auto va = [&](int row, int j) { return row < L.m && j < L.k2 ? vs[(long long)row * L.k2 + j] : zero; };
+        auto ab = [&](int c, int j) {
+            return c < L.n_out && j < L.k2 ? b2[(long long)c * L.b2_sc + (long long)j * L.b2_sj] : zero;
+        };
+        auto pack = [](bf16 lo, bf16 hi) {
+            const __nv_bfloat162 h = __halves2bfloat162(lo, hi);
+            return *reinterpret_cast<const unsigned*>(&h);
+        };
+        for (int k0 = 0; k0 < L.k2; k0 += 16) {
+            const int j0 = k0 + 2 * t;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                const int c = col + q;
+                const unsigned b[2] = {pack(ab(c, j0), ab(c, j0 + 1)), pack(ab(c, j0 + 8), ab(c, j0 + 9))};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int r0 = 16 * mt + g;
+                    const unsigned a[4] = {pack(va(r0, j0), va(r0, j0 + 1)), pack(va(r0 + 8, j0), va(r0 + 8, j0 + 1)),
+                                           pack(va(r0, j0 + 8), va(r0, j0 + 9)),
+                                           pack(va(r0 + 8, j0 + 8), va(r0 + 8, j0 + 9))};
+                    mma_bf16_16816(acc[mt][q], a, b);
+                }
+            }
+        }
+    }
+    // Tree over the 16 warps: w += w + half for half = 8, 4, 2, 1; warp 0 ends with the total.
+#pragma unroll
+    for (int half = SKB_WARPS / 2; half >= 1; half >>= 1) {
+        if (warp >= half && warp < 2 * half) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        part[((warp - half) * MT * 32 + mt * 32 + q * 4 + e) * 32 + lane] = acc[mt][q][e];
+        }
+        __syncthreads();
+        if (warp < half) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][q][e] += part[(warp * MT * 32 + mt * 32 + q * 4 + e) * 32 + lane];
+        }
+        __syncthreads();
+    }
+    if (warp != 0) return;
+    // d[0..1] of n-tile q are logical n 2t, 2t+1: columns cb + 16t + q and cb + 16t + 8 + q.
+    bf16* out = static_cast<bf16*>(L.out);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = 16 * mt + g + 8 * h;
+            if (r >= L.m) continue;
+#pragma unroll
+            for (int q = 0; q < 8; q += 2)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = cb + 16 * t + 8 * e + q;  // even: the pair (c, c + 1) is 4-byte aligned
+                    if (c >= L.n_out) continue;             // n_out % 8 == 0: c + 1 is in range too
+                    bf16* o = out + (long long)r * L.n_out + c;
+                    float v0 = acc[mt][q][2 * h + e], v1 = acc[mt][q + 1][2 * h + e];
+                    if (ACC) {
+                        const __nv_bfloat162 old = *reinterpret_cast<const __nv_bfloat162*>(o);
+                        v0 += __low2float(old);
+                        v1 += __high2float(old);
+                    }
+                    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
+                }
+        }
+}
+
+// One m16 tile (M <= 16): with two, the 512 threads' 128 registers spilled (ptxas, sm_90).
+template <bool ACC>
+__device__ void linear_bwd_skinny_entry(const QlrLinear& L) {
+    __shared__ float lut[16];
+    __shared__ float part[8 * 32 * 32];
+    linear_bwd_skinny<1, ACC>(L, lut, part);
+}
+extern "C" __global__ void __launch_bounds__(512) qlr_linear_bwd_skinny_bf16(QlrLinear L) {
+    linear_bwd_skinny_entry<false>(L);
+}
+extern "C" __global__ void __launch_bounds__(512) qlr_linear_bwd_acc_skinny_bf16(QlrLinear L) {
+    linear_bwd_skinny_entry<true>(L);
 }
 
 // ---- lora_proj: out (m, r) T = scale · a (m, k) · Bop, Bop element (k, j) at b[k*sbk + j*sbj] ----

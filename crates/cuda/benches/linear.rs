@@ -238,13 +238,23 @@ fn bench_linear(dev: &Device, shapes: &[(usize, usize, &str)], ms: &[usize]) -> 
         for &m in ms {
             let [f_fwd, q_fwd, p_fwd, f_bwd, q_bwd, p_bwd] = time_linear(dev, &mut wt, m)?;
             let flops = 2.0 * (m * n * k) as f64;
-            // The fused forward runs the skinny kernel at M ≤ 64 (ops::linear::skinny_fwd_applies).
-            let fwd = if m <= linear::SKINNY_MAX_M && k.is_multiple_of(128) {
-                "fwd (skinny)"
-            } else {
-                "fwd"
+            // Rows where the fused path runs a skinny kernel (ops::linear::skinny_*_applies).
+            let d = linear::LinearDims {
+                m,
+                k,
+                n,
+                r: R,
+                scale: 2.0,
             };
-            for (dir, f, q, p) in [(fwd, f_fwd, q_fwd, p_fwd), ("bwd", f_bwd, q_bwd, p_bwd)] {
+            let fwd = match linear::skinny_fwd_applies(true, &d, 64, 0) {
+                true => "fwd (skinny)",
+                false => "fwd",
+            };
+            let bwd = match linear::skinny_bwd_applies(true, &d, 64, 0) {
+                true => "bwd (skinny)",
+                false => "bwd",
+            };
+            for (dir, f, q, p) in [(fwd, f_fwd, q_fwd, p_fwd), (bwd, f_bwd, q_bwd, p_bwd)] {
                 let tf = |us: f64| flops / us / 1e6;
                 println!("| {name} | {m} | {dir} | {f:.1} | {:.1} | {q:.1} | {:.1} | {p:.1} | {:.1} | {:.2} | {:.2} |", tf(f), tf(q), tf(p), p / f, q / f);
             }

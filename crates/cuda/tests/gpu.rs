@@ -665,8 +665,9 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, acc_dx: bool, seed:
 /// Together these reach every tile-loader path of `cuda/linear.cu` in both directions:
 /// the pipelined fast path (fwd k-contiguous: case 2; bwd column-contiguous: case 3),
 /// the plain 16-code paths (cases 1 and 2 where K or N is not a multiple of 32) and the
-/// scalar fallback (case 4: K % 16 != 0). In bf16, case 3's forward (M 1, K % 128 == 0) runs
-/// the skinny kernel; cases 1 and 4 (M ≤ 64, K % 128 != 0) keep the tiled one at few rows.
+/// scalar fallback (case 4: K % 16 != 0). In bf16, case 3 (M 1) runs the skinny kernels in
+/// both directions, so its tiled bf16 backward fast path is covered by SKINNY_CASES[1] (M 33);
+/// cases 1 and 4 (K % 128 != 0, M > 16) keep the tiled kernels at few rows.
 const LIN_CASES: [LinCase; 4] = [
     // Tails everywhere: M, N and K not multiples of the tiles (K a multiple of 16 only).
     LinCase {
@@ -722,11 +723,15 @@ fn parity_linear_fused_bf16() {
         run_linear::<bf16>(&d, &LIN_CASES[i], true, true, 21 + 50 + i as u64);
     }
 }
-/// The skinny bf16 forward (`qlr_linear_fwd_skinny_bf16`, M ≤ 64) in each of its m-tile
-/// counts (1, 2 and 4; M 33 pads 3 tiles to 4), with N not a multiple of its 32-column blocks
-/// or of 8, more 128-wide K chunks than warps (K 1280: warps take 1 or 2 chunks), and ranks
-/// 16, 8 and 5 (the LoRA term pads R to 16). Its backward is the tiled kernel's.
-const SKINNY_CASES: [LinCase; 4] = [
+/// The skinny bf16 kernels: forward (`qlr_linear_fwd_skinny_bf16`: M ≤ 64, K % 128 == 0) in
+/// each of its m-tile counts (1, 2 and 4; M 33 pads 3 tiles to 4), and backward
+/// (`qlr_linear_bwd(_acc)_skinny_bf16`: M ≤ 16, K % 8 == 0, N even). Between them: N not a
+/// multiple of the forward's 32-column blocks or of 8, K not a multiple of the backward's
+/// 64-column blocks, more 128-wide K chunks than forward warps (K 1280), fewer 16-row N chunks
+/// than backward warps (N 40, 64) and more than its 16 warps × 4 in flight (N 1100, with a
+/// ragged last chunk), ranks 16, 8 and 5 (the LoRA term pads R to 16). The other direction of
+/// each case runs the tiled kernel.
+const SKINNY_CASES: [LinCase; 6] = [
     LinCase {
         m: 16,
         k: 384,
@@ -751,25 +756,40 @@ const SKINNY_CASES: [LinCase; 4] = [
         n: 64,
         r: 16,
     },
+    LinCase {
+        m: 5,
+        k: 72,
+        n: 38,
+        r: 5,
+    },
+    LinCase {
+        m: 3,
+        k: 64,
+        n: 1100,
+        r: 8,
+    },
 ];
 #[test]
 #[ignore = "needs a CUDA device"]
 fn parity_linear_fused_skinny_bf16() {
     let d = dev();
+    let (mut fwd, mut bwd) = (0, 0);
     for (i, c) in SKINNY_CASES.iter().enumerate() {
-        assert!(linear::skinny_fwd_applies(
-            true,
-            &linear::LinearDims {
-                m: c.m,
-                k: c.k,
-                n: c.n,
-                r: c.r,
-                scale: 2.0
-            },
-            64,
-            0
-        ));
+        let dims = linear::LinearDims {
+            m: c.m,
+            k: c.k,
+            n: c.n,
+            r: c.r,
+            scale: 2.0,
+        };
+        fwd += linear::skinny_fwd_applies(true, &dims, 64, 0) as usize;
+        bwd += linear::skinny_bwd_applies(true, &dims, 64, 0) as usize;
         run_linear::<bf16>(&d, c, true, false, 71 + i as u64);
+    }
+    assert_eq!((fwd, bwd), (4, 4), "cases per skinny kernel");
+    // Accumulating into dx through the skinny backward.
+    for i in [0, 5] {
+        run_linear::<bf16>(&d, &SKINNY_CASES[i], true, true, 71 + 50 + i as u64);
     }
 }
 #[test]

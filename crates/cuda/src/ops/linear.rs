@@ -75,6 +75,28 @@ pub fn skinny_fwd_applies(bf16: bool, d: &LinearDims, blocksize: usize, x_ptr: u
         && blocksize.is_multiple_of(32)
         && x_ptr.is_multiple_of(8)
 }
+/// Skinny backward (`qlr_linear_bwd(_acc)_skinny_bf16`): 64 dx columns per 512-thread block,
+/// all M ≤ [`SKINNY_BWD_MAX_M`] rows, K split over 16 warps.
+pub fn skinny_bwd_geometry(k: usize) -> Geometry {
+    Geometry {
+        grid: (cdiv(k, 64).max(1) as u32, 1, 1),
+        block: (512, 1, 1),
+        smem: 0,
+    }
+}
+/// Most rows the skinny backward takes (one m16 tile: with two, its 512 threads' 128
+/// registers spilled).
+pub const SKINNY_BWD_MAX_M: usize = 16;
+/// Whether the backward of `d` runs the skinny kernel: bf16, M ≤ [`SKINNY_BWD_MAX_M`], K (the
+/// dx width, W's row length) a multiple of 8 and QB % 8 == 0 (a lane's 8 codes share a scale),
+/// N (the reduction) even and dy 4-byte aligned (its bf16-pair loads).
+pub fn skinny_bwd_applies(bf16: bool, d: &LinearDims, blocksize: usize, dy_ptr: u64) -> bool {
+    bf16 && d.m <= SKINNY_BWD_MAX_M
+        && d.k.is_multiple_of(8)
+        && blocksize.is_multiple_of(8)
+        && d.n.is_multiple_of(2)
+        && dy_ptr.is_multiple_of(4)
+}
 /// lora_proj: 32 rows of the input per 256-thread block; R ≤ 128.
 pub fn proj_geometry(m: usize) -> Geometry {
     Geometry {
@@ -337,13 +359,22 @@ pub fn bwd<T: Elem>(
         accumulate: accumulate_dx as i32,
         pad: 0,
     };
-    let geo = fused_geometry(T::SUFFIX == "bf16", d.m, d.k);
+    let bf16 = T::SUFFIX == "bf16";
     let stem = if accumulate_dx {
         "qlr_linear_bwd_acc"
     } else {
         "qlr_linear_bwd"
     };
-    dev.launch(FILE, &entry::<T>(stem), geo, Args::new().arg(arg), stream)?;
+    // Few rows: the skinny kernel streams W at memory bandwidth (cuda/linear.cu).
+    let (entry_name, geo) = if skinny_bwd_applies(bf16, &d, w.blocksize, dy.device_ptr()) {
+        (
+            format!("{stem}_skinny_{}", T::SUFFIX),
+            skinny_bwd_geometry(d.k),
+        )
+    } else {
+        (entry::<T>(stem), fused_geometry(bf16, d.m, d.k))
+    };
+    dev.launch(FILE, &entry_name, geo, Args::new().arg(arg), stream)?;
     // dA[j, k] += Σ_m vs[m, j] · x_l[m, k];  dB[n, j] += Σ_m dy[m, n] · us[m, j].
     lora_grad(dev, d_lora_a, &vs.as_view(), x_l, d.m, d.r, d.k, stream)?;
     lora_grad(dev, d_lora_b, dy, us, d.m, d.n, d.r, stream)
@@ -687,6 +718,44 @@ mod tests {
         assert_eq!(skinny_geometry(4096).grid, (128, 1, 1));
         assert_eq!(skinny_geometry(40).grid, (2, 1, 1));
         assert_eq!(skinny_geometry(0).grid, (1, 1, 1));
+    }
+    #[test]
+    fn skinny_backward_takes_few_rows_and_whole_column_groups() {
+        let d = |m, k, n| LinearDims {
+            m,
+            k,
+            n,
+            r: 16,
+            scale: 2.0,
+        };
+        assert!(skinny_bwd_applies(true, &d(1, 4096, 14336), 64, 256));
+        assert!(skinny_bwd_applies(true, &d(16, 72, 40), 64, 4));
+        assert!(!skinny_bwd_applies(true, &d(17, 4096, 4096), 64, 256), "M");
+        assert!(
+            !skinny_bwd_applies(true, &d(16, 4100, 4096), 64, 256),
+            "K % 8"
+        );
+        assert!(
+            !skinny_bwd_applies(true, &d(16, 4096, 4095), 64, 256),
+            "N odd"
+        );
+        assert!(
+            !skinny_bwd_applies(true, &d(16, 4096, 4096), 4, 256),
+            "QB % 8"
+        );
+        assert!(
+            !skinny_bwd_applies(true, &d(16, 4096, 4096), 64, 2),
+            "dy alignment"
+        );
+        assert!(
+            !skinny_bwd_applies(false, &d(16, 4096, 4096), 64, 256),
+            "f32"
+        );
+        // 64 columns per block: 64 blocks for Llama-3-8B's 4096-wide dx, 224 for 14336.
+        let g = skinny_bwd_geometry(4096);
+        assert_eq!((g.grid, g.block), ((64, 1, 1), (512, 1, 1)));
+        assert_eq!(skinny_bwd_geometry(14336).grid.0, 224);
+        assert_eq!(skinny_bwd_geometry(72).grid.0, 2);
     }
     #[test]
     fn proj_geometry_rows() {
