@@ -427,6 +427,70 @@ extern "C" __global__ void __launch_bounds__(256) qlr_linear_bwd_acc_f32(QlrLine
 #define SKINNY_CHUNK 128
 #define SKINNY_WARPS 8
 
+// Adds the LoRA term a2 (M, k2) · b2ᵀ to acc (one warp, MT m16 tiles × NT n8 tiles), where b2
+// element (c, j) is at b2[c·b2_sc + j·b2_sj] and `col(i)` is this lane's output column (its
+// logical n, g) in n tile i. Standard fragments (k2 = R is small), zeros past M, n_out and k2.
+template <int MT, int NT, typename Col>
+__device__ __forceinline__ void skinny_lora_term(float (&acc)[MT][NT][4], const QlrLinear& L, int g, int t, Col col) {
+    const bf16* a2 = static_cast<const bf16*>(L.a2);
+    const bf16* b2 = static_cast<const bf16*>(L.b2);
+    const bf16 zero = __float2bfloat16_rn(0.f);
+    auto av = [&](int row, int j) { return row < L.m && j < L.k2 ? a2[(long long)row * L.k2 + j] : zero; };
+    auto bv = [&](int c, int j) {
+        return c < L.n_out && j < L.k2 ? b2[(long long)c * L.b2_sc + (long long)j * L.b2_sj] : zero;
+    };
+    auto pack = [](bf16 lo, bf16 hi) {
+        const __nv_bfloat162 h = __halves2bfloat162(lo, hi);
+        return *reinterpret_cast<const unsigned*>(&h);
+    };
+    for (int k0 = 0; k0 < L.k2; k0 += 16) {
+        const int j0 = k0 + 2 * t;
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+            const int c = col(i);
+            const unsigned b[2] = {pack(bv(c, j0), bv(c, j0 + 1)), pack(bv(c, j0 + 8), bv(c, j0 + 9))};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int r0 = 16 * mt + g;
+                const unsigned a[4] = {pack(av(r0, j0), av(r0, j0 + 1)), pack(av(r0 + 8, j0), av(r0 + 8, j0 + 1)),
+                                       pack(av(r0, j0 + 8), av(r0, j0 + 9)),
+                                       pack(av(r0 + 8, j0 + 8), av(r0 + 8, j0 + 9))};
+                mma_bf16_16816(acc[mt][i], a, b);
+            }
+        }
+    }
+}
+
+// Sums the WARPS warps' acc into warp 0's in a fixed tree (warp w += warp w + half, for half =
+// WARPS/2 .. 1): deterministic. part: (WARPS/2) · MT·NT·4 · 32 floats of shared memory. Every
+// thread of the block must call it (it has barriers).
+template <int WARPS, int MT, int NT>
+__device__ __forceinline__ void skinny_tree_sum(float (&acc)[MT][NT][4], float* part, int warp, int lane) {
+    constexpr int PER = MT * NT * 4;
+#pragma unroll
+    for (int half = WARPS / 2; half >= 1; half >>= 1) {
+        if (warp >= half && warp < 2 * half) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int i = 0; i < NT; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        part[((warp - half) * PER + (mt * NT + i) * 4 + e) * 32 + lane] = acc[mt][i][e];
+        }
+        __syncthreads();
+        if (warp < half) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int i = 0; i < NT; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][i][e] += part[(warp * PER + (mt * NT + i) * 4 + e) * 32 + lane];
+        }
+        __syncthreads();
+    }
+}
+
 // x[row][k..k+3] as two bf16 pairs (zeros for rows past M).
 __device__ __forceinline__ uint2 skinny_x4(const bf16* x, int m, int k1, int row, int k) {
     return row < m ? __ldg(reinterpret_cast<const uint2*>(x + (long long)row * k1 + k)) : make_uint2(0, 0);
@@ -501,59 +565,9 @@ __device__ void linear_fwd_skinny(const QlrLinear& L, float* lut, float* part) {
         }
         cur = next;
     }
-    // LoRA term into warp 0's partial sum: us (M, R) · Bᵀ, B element (n, j) at b2[n·b2_sc + j·b2_sj],
-    // standard fragments (R is small), zeros past M, N and R.
-    if (warp == 0) {
-        const bf16* us = static_cast<const bf16*>(L.a2);
-        const bf16* b2 = static_cast<const bf16*>(L.b2);
-        const bf16 zero = __float2bfloat16_rn(0.f);
-        auto ua = [&](int row, int j) { return row < L.m && j < L.k2 ? us[(long long)row * L.k2 + j] : zero; };
-        auto bb = [&](int n, int j) {
-            return n < L.n_out && j < L.k2 ? b2[(long long)n * L.b2_sc + (long long)j * L.b2_sj] : zero;
-        };
-        auto pack = [](bf16 lo, bf16 hi) {
-            const __nv_bfloat162 h = __halves2bfloat162(lo, hi);
-            return *reinterpret_cast<const unsigned*>(&h);
-        };
-        for (int k0 = 0; k0 < L.k2; k0 += 16) {
-            const int j0 = k0 + 2 * t;
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const int n = n0 + 8 * nt + g;
-                const unsigned b[2] = {pack(bb(n, j0), bb(n, j0 + 1)), pack(bb(n, j0 + 8), bb(n, j0 + 9))};
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const int r0 = 16 * mt + g;
-                    const unsigned a[4] = {pack(ua(r0, j0), ua(r0, j0 + 1)), pack(ua(r0 + 8, j0), ua(r0 + 8, j0 + 1)),
-                                           pack(ua(r0, j0 + 8), ua(r0, j0 + 9)),
-                                           pack(ua(r0 + 8, j0 + 8), ua(r0 + 8, j0 + 9))};
-                    mma_bf16_16816(acc[mt][nt], a, b);
-                }
-            }
-        }
-    }
-    // Tree over the warps: w += w + half, for half = 4, 2, 1; warp 0 ends with the total.
-#pragma unroll
-    for (int half = 4; half >= 1; half >>= 1) {
-        if (warp >= half && warp < 2 * half) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) part[((warp - half) * MT * 16 + mt * 16 + nt * 4 + q) * 32 + lane] = acc[mt][nt][q];
-        }
-        __syncthreads();
-        if (warp < half) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) acc[mt][nt][q] += part[(warp * MT * 16 + mt * 16 + nt * 4 + q) * 32 + lane];
-        }
-        __syncthreads();
-    }
+    // LoRA term into warp 0's partial sum: us (M, R) · Bᵀ, B element (n, j) at b2[n·b2_sc + j·b2_sj].
+    if (warp == 0) skinny_lora_term<MT, 4>(acc, L, g, t, [&](int nt) { return n0 + 8 * nt + g; });
+    skinny_tree_sum<SKINNY_WARPS, MT, 4>(acc, part, warp, lane);
     if (warp != 0) return;
     bf16* out = static_cast<bf16*>(L.out);
 #pragma unroll
@@ -680,58 +694,8 @@ __device__ void linear_bwd_skinny(const QlrLinear& L, float* lut, float* part) {
         }
     }
     // LoRA term into warp 0's partial sum: vs (M, R) · A, A element (c, r) at b2[c·b2_sc + r·b2_sj].
-    if (warp == 0) {
-        const bf16* vs = static_cast<const bf16*>(L.a2);
-        const bf16* b2 = static_cast<const bf16*>(L.b2);
-        const bf16 zero = __float2bfloat16_rn(0.f);
-        auto va = [&](int row, int j) { return row < L.m && j < L.k2 ? vs[(long long)row * L.k2 + j] : zero; };
-        auto ab = [&](int c, int j) {
-            return c < L.n_out && j < L.k2 ? b2[(long long)c * L.b2_sc + (long long)j * L.b2_sj] : zero;
-        };
-        auto pack = [](bf16 lo, bf16 hi) {
-            const __nv_bfloat162 h = __halves2bfloat162(lo, hi);
-            return *reinterpret_cast<const unsigned*>(&h);
-        };
-        for (int k0 = 0; k0 < L.k2; k0 += 16) {
-            const int j0 = k0 + 2 * t;
-#pragma unroll
-            for (int q = 0; q < 8; ++q) {
-                const int c = col + q;
-                const unsigned b[2] = {pack(ab(c, j0), ab(c, j0 + 1)), pack(ab(c, j0 + 8), ab(c, j0 + 9))};
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const int r0 = 16 * mt + g;
-                    const unsigned a[4] = {pack(va(r0, j0), va(r0, j0 + 1)), pack(va(r0 + 8, j0), va(r0 + 8, j0 + 1)),
-                                           pack(va(r0, j0 + 8), va(r0, j0 + 9)),
-                                           pack(va(r0 + 8, j0 + 8), va(r0 + 8, j0 + 9))};
-                    mma_bf16_16816(acc[mt][q], a, b);
-                }
-            }
-        }
-    }
-    // Tree over the 16 warps: w += w + half for half = 8, 4, 2, 1; warp 0 ends with the total.
-#pragma unroll
-    for (int half = SKB_WARPS / 2; half >= 1; half >>= 1) {
-        if (warp >= half && warp < 2 * half) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int q = 0; q < 8; ++q)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        part[((warp - half) * MT * 32 + mt * 32 + q * 4 + e) * 32 + lane] = acc[mt][q][e];
-        }
-        __syncthreads();
-        if (warp < half) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int q = 0; q < 8; ++q)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[mt][q][e] += part[(warp * MT * 32 + mt * 32 + q * 4 + e) * 32 + lane];
-        }
-        __syncthreads();
-    }
+    if (warp == 0) skinny_lora_term<MT, 8>(acc, L, g, t, [&](int q) { return col + q; });
+    skinny_tree_sum<SKB_WARPS, MT, 8>(acc, part, warp, lane);
     if (warp != 0) return;
     // d[0..1] of n-tile q are logical n 2t, 2t+1: columns cb + 16t + q and cb + 16t + 8 + q.
     bf16* out = static_cast<bf16*>(L.out);
