@@ -124,34 +124,30 @@ fn time_linear(dev: &Device, wt: &mut Weight, m: usize) -> Result<[f64; 6]> {
     };
     let flops = 2.0 * (m * n * k) as f64;
     let iters = if flops > 1e11 { 5 } else { 20 };
-    let f_fwd = time_us(dev, 2, iters, || {
-        linear::fwd(
-            dev,
-            &mut y.view_mut(),
-            &mut us.view_mut(),
-            &x.view(),
-            &x.view(),
-            w,
-            &a.view(),
-            &b.view(),
-            d,
-            None,
-        )
-    })?;
-    let q_fwd = time_us(dev, 2, iters, || {
-        linear::fwd_dequant_blas(
-            dev,
-            &mut y.view_mut(),
-            &mut us.view_mut(),
-            &mut scratch.view_mut(),
-            &x.view(),
-            &x.view(),
-            w,
-            &a.view(),
-            &b.view(),
-            d,
-        )
-    })?;
+    // Fused and dequantize + cuBLASLt through the dispatcher with the path forced (a crossover
+    // above every M picks fused, 0 picks dequantize): one call site per direction, both paths.
+    let fused = linear::Dispatch {
+        crossover_m: usize::MAX,
+    };
+    let deq = linear::Dispatch { crossover_m: 0 };
+    let mut fwd_us = |disp: linear::Dispatch| {
+        time_us(dev, 2, iters, || {
+            disp.fwd(
+                dev,
+                &mut y.view_mut(),
+                &mut us.view_mut(),
+                Some(&mut scratch.view_mut()),
+                &x.view(),
+                &x.view(),
+                w,
+                &a.view(),
+                &b.view(),
+                d,
+            )
+            .map(|_| ())
+        })
+    };
+    let (f_fwd, q_fwd) = (fwd_us(fused)?, fwd_us(deq)?);
     let p_fwd = time_us(dev, 2, iters, || {
         dev.with_blas(|bl| {
             bl.gemm(
@@ -171,42 +167,28 @@ fn time_linear(dev: &Device, wt: &mut Weight, m: usize) -> Result<[f64; 6]> {
             )
         })
     })?;
-    let f_bwd = time_us(dev, 2, iters, || {
-        linear::bwd(
-            dev,
-            &mut dx.view_mut(),
-            &mut da.view_mut(),
-            &mut db.view_mut(),
-            &mut vs.view_mut(),
-            &dy.view(),
-            &x.view(),
-            &us.view(),
-            w,
-            &a.view(),
-            &b.view(),
-            d,
-            false,
-            None,
-        )
-    })?;
-    let q_bwd = time_us(dev, 2, iters, || {
-        linear::bwd_dequant_blas(
-            dev,
-            &mut dx.view_mut(),
-            &mut da.view_mut(),
-            &mut db.view_mut(),
-            &mut vs.view_mut(),
-            &mut scratch.view_mut(),
-            &dy.view(),
-            &x.view(),
-            &us.view(),
-            w,
-            &a.view(),
-            &b.view(),
-            d,
-            false,
-        )
-    })?;
+    let mut bwd_us = |disp: linear::Dispatch| {
+        time_us(dev, 2, iters, || {
+            disp.bwd(
+                dev,
+                &mut dx.view_mut(),
+                &mut da.view_mut(),
+                &mut db.view_mut(),
+                &mut vs.view_mut(),
+                Some(&mut scratch.view_mut()),
+                &dy.view(),
+                &x.view(),
+                &us.view(),
+                w,
+                &a.view(),
+                &b.view(),
+                d,
+                false,
+            )
+            .map(|_| ())
+        })
+    };
+    let (f_bwd, q_bwd) = (bwd_us(fused)?, bwd_us(deq)?);
     let p_bwd = time_us(dev, 2, iters, || {
         dev.with_blas(|bl| {
             bl.gemm(

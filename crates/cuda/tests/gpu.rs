@@ -433,44 +433,21 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, acc_dx: bool, seed:
         r,
         scale: s,
     };
-    if fused {
-        linear::fwd(
-            d,
-            &mut y.view_mut(),
-            &mut us.view_mut(),
-            &xd.view(),
-            &xd.view(),
-            &w,
-            &ad.view(),
-            &bd.view(),
-            dims,
-            None,
-        )
-        .unwrap();
-        linear::bwd(
-            d,
-            &mut dx.view_mut(),
-            &mut da.view_mut(),
-            &mut db.view_mut(),
-            &mut vs.view_mut(),
-            &dyd.view(),
-            &xd.view(),
-            &us.view(),
-            &w,
-            &ad.view(),
-            &bd.view(),
-            dims,
-            acc_dx,
-            None,
-        )
-        .unwrap();
+    // Both paths through the dispatcher with the path forced (a crossover above every M picks
+    // the fused kernels, 0 picks dequantize + cuBLASLt), checked against the path it reports.
+    let (disp, want) = if fused {
+        (usize::MAX, linear::LinearPath::Fused)
     } else {
-        let mut scratch = d.alloc::<T>(n * k, "scratch").unwrap();
-        linear::fwd_dequant_blas(
+        (0, linear::LinearPath::DequantBlas)
+    };
+    let disp = linear::Dispatch { crossover_m: disp };
+    let mut scratch = d.alloc::<T>(n * k, "scratch").unwrap();
+    let path = disp
+        .fwd(
             d,
             &mut y.view_mut(),
             &mut us.view_mut(),
-            &mut scratch.view_mut(),
+            Some(&mut scratch.view_mut()),
             &xd.view(),
             &xd.view(),
             &w,
@@ -479,13 +456,15 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, acc_dx: bool, seed:
             dims,
         )
         .unwrap();
-        linear::bwd_dequant_blas(
+    assert_eq!(path, want, "forward path");
+    let path = disp
+        .bwd(
             d,
             &mut dx.view_mut(),
             &mut da.view_mut(),
             &mut db.view_mut(),
             &mut vs.view_mut(),
-            &mut scratch.view_mut(),
+            Some(&mut scratch.view_mut()),
             &dyd.view(),
             &xd.view(),
             &us.view(),
@@ -496,7 +475,7 @@ fn run_linear<T: Host>(d: &Device, c: &LinCase, fused: bool, acc_dx: bool, seed:
             acc_dx,
         )
         .unwrap();
-    }
+    assert_eq!(path, want, "backward path");
     let tag = format!(
         "linear {}{} {} m{m} k{k} n{n} r{r}",
         if fused { "fused" } else { "dequant+blas" },
