@@ -269,13 +269,7 @@ __device__ void linear_mma(const QlrLinear& L) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
     const int m0 = blockIdx.y * MMA_BM, n0 = blockIdx.x * MMA_BN;
-    float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    float acc[4][4][4] = {};
     __syncthreads();
     // Term 1: a1 · NF4 operand over k1.
     const bf16* a1 = static_cast<const bf16*>(L.a1);
@@ -506,13 +500,7 @@ __device__ void linear_fwd_skinny(const QlrLinear& L, float* lut, float* part) {
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * SKINNY_BN;
     const bf16* x = static_cast<const bf16*>(L.a1);
-    float acc[MT][4][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    float acc[MT][4][4] = {};
     const int chunks = L.k1 / SKINNY_CHUNK;
     // One chunk's W: 4 n tiles × 16 bytes per lane, with their scales.
     struct Stage {
@@ -629,13 +617,7 @@ __device__ void linear_bwd_skinny(const QlrLinear& L, float* lut, float* part) {
     const int col = cb + 8 * g;                           // this lane's 8 columns: col .. col + 7
     const bool col_ok = col < L.n_out;                    // n_out % 8 == 0: all 8 in or all out
     const bf16* dy = static_cast<const bf16*>(L.a1);      // (m, k1) row-major
-    float acc[MT][8][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    float acc[MT][8][4] = {};
     const int chunks = (L.k1 + 15) / 16;
     // Row j0 + {2t, 2t+1, 2t+8, 2t+9}: 8 codes (4 bytes) each, and the scales.
     unsigned w[SKB_DEPTH][4];
